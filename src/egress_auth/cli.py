@@ -1,0 +1,155 @@
+"""`egress-auth run | check | ca | env`: argument parsing and wiring, no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from . import __version__
+
+DEFAULT_CERTS = "./certs"
+DEFAULT_DATA = "./data"
+DEFAULT_PROXY = "http://127.0.0.1:8080"
+
+
+def _fail(message: str) -> int:
+    print(f"egress-auth: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import RunSettings, StartupError, listen_of, run
+    from .config import ConfigError, default_config_path, load_config
+    from .model.config import ConfigFile
+
+    path = default_config_path(args.config)
+    try:
+        if path is not None:
+            loaded = load_config(path)
+            config = loaded.config
+            for line in loaded.report.lines():
+                print(line, file=sys.stderr)
+        else:
+            config = ConfigFile()
+        listen = listen_of(args.listen or config.proxy.listen)
+        upstream_ca = args.upstream_ca or config.proxy.upstream_ca_file
+        settings = RunSettings(
+            config=config,
+            config_path=path,
+            listen=listen,
+            certs_dir=Path(args.certs_dir),
+            data_dir=Path(args.data_dir),
+            upstream_ca=Path(upstream_ca) if upstream_ca else None,
+        )
+        run(settings)
+    except ConfigError as e:
+        return _fail(str(e))
+    except (StartupError, ValueError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as e:
+        for line in e.report.lines(strict=args.strict):
+            print(line)
+        return 1
+    report = loaded.report
+    for line in report.lines(strict=args.strict):
+        print(line)
+    if args.strict and report.warnings:
+        return 1
+    n_t = len(loaded.config.templates)
+    n_s = len(loaded.config.sources)
+    print(f"{args.config}: ok ({n_s} sources, {n_t} templates, {len(report.warnings)} warnings)")
+    return 0
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from .app import ensure_ca
+
+    print(ensure_ca(Path(args.certs_dir)).resolve())
+    return 0
+
+
+def env_lines(ca_path: Path, proxy: str, sandbox: str | None, token: str | None) -> list[str]:
+    if sandbox:
+        scheme, _, rest = proxy.partition("://")
+        rest = rest.rpartition("@")[2]
+        proxy = f"{scheme}://{sandbox}:{token}@{rest}"
+    ca = str(ca_path)
+    # Loopback stays direct: a sandbox's own local services need no credential.
+    values = {
+        "HTTPS_PROXY": proxy,
+        "HTTP_PROXY": proxy,
+        "NO_PROXY": "localhost,127.0.0.1,::1",
+        "SSL_CERT_FILE": ca,
+        "REQUESTS_CA_BUNDLE": ca,
+        "CURL_CA_BUNDLE": ca,
+        "NODE_EXTRA_CA_CERTS": ca,
+        "GIT_SSL_CAINFO": ca,
+        "PIP_CERT": ca,
+        "AWS_CA_BUNDLE": ca,
+    }
+    return [f"export {k}={shlex.quote(v)}" for k, v in values.items()]
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from .app import ensure_ca
+
+    if bool(args.sandbox) != bool(args.token):
+        return _fail("--sandbox and --token go together")
+    ca = ensure_ca(Path(args.certs_dir)).resolve()
+    for line in env_lines(ca, args.proxy, args.sandbox, args.token):
+        print(line)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="egress-auth", description=__doc__)
+    p.add_argument("--version", action="version", version=f"egress-auth {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the proxy")
+    run.add_argument("--config", help="config file (default: $EGRESS_AUTH_CONFIG or "
+                     "config/egress-auth.yaml when present)")
+    run.add_argument("--listen", help="proxy HOST:PORT (default 127.0.0.1:8080)")
+    run.add_argument("--admin-listen", help="admin API HOST:PORT (default 127.0.0.1:8081)")
+    run.add_argument("--data-dir", default=DEFAULT_DATA)
+    run.add_argument("--certs-dir", default=DEFAULT_CERTS)
+    run.add_argument("--upstream-ca", help="extra trusted roots for upstream servers (PEM)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a config file without starting")
+    check.add_argument("--config", required=True)
+    check.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    check.set_defaults(func=cmd_check)
+
+    ca = sub.add_parser("ca", help="print the CA certificate's path (creating it if missing)")
+    ca.add_argument("--certs-dir", default=DEFAULT_CERTS)
+    ca.set_defaults(func=cmd_ca)
+
+    env = sub.add_parser("env", help="print export lines that point a client at the proxy")
+    env.add_argument("--certs-dir", default=DEFAULT_CERTS)
+    env.add_argument("--proxy", default=DEFAULT_PROXY)
+    env.add_argument("--sandbox")
+    env.add_argument("--token")
+    env.set_defaults(func=cmd_env)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

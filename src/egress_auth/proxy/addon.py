@@ -1,0 +1,381 @@
+"""The mitmproxy addon: hooks only. Decisions come from the pure core in `policy/`.
+
+Per client connection it keeps what the client asked for (CONNECT host and port), the
+address the proxy checked and will dial, and the client certificate chosen for it. Rules
+see only the requested host:port; `connectTo` and DNS pinning change only where we dial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mitmproxy import connection, ctx, http, tls
+from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy import server_hooks
+from OpenSSL import SSL
+
+from .. import audit
+from ..config import ConfigError, load_config
+from ..model.config import ConfigFile, split_host_port
+from ..policy.compile import CompiledPolicy, Snapshot
+from ..policy.domains import normalize_host
+from ..policy.match import (
+    RequestFacts,
+    TlsSelection,
+    check_traffic,
+    decide_request,
+    parse_query,
+    select_tls,
+)
+from ..policy.paths import normalize_path, split_target
+from ..state import DEFAULT_SANDBOX, LiveState
+from . import answers
+from .tls import ClientContexts
+
+log = logging.getLogger("egress_auth")
+
+Address = tuple[str, int]
+
+
+@dataclass
+class ConnState:
+    """What one client connection asked for and what the proxy decided for it."""
+
+    sandbox: str
+    host: str  # the CONNECT target, normalised
+    port: int
+    dial: Address | None  # pinned address (after connectTo and DNS), None if unresolved
+    traffic_rule: str | None = None
+    tls: TlsSelection | None = None
+    tls_error: str | None = None  # upstream TLS failure seen on this connection
+    refused: str | None = None
+    tunnel: bool = False
+    plain_dials: dict[Address, Address] = field(default_factory=dict)
+
+    @property
+    def dial_ip(self) -> str | None:
+        return self.dial[0] if self.dial else None
+
+
+async def resolve(host: str, port: int) -> str | None:
+    """The address the proxy will dial for host; checked by CIDR rules, then pinned."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    return str(infos[0][4][0]) if infos else None
+
+
+def _failing_server_context() -> SSL.Context:
+    # A server context with no certificate: the client's handshake fails at once, which is
+    # how a connection is refused after its ClientHello.
+    return SSL.Context(SSL.TLS_SERVER_METHOD)
+
+
+class EgressAuth:
+    """Matches each request against credential rules and injects the bound secret."""
+
+    def __init__(
+        self,
+        config: ConfigFile | None = None,
+        config_path: Path | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = LiveState()
+        self.config_path = config_path
+        self.clock = clock
+        self.conns: dict[str, ConnState] = {}
+        self.contexts = ClientContexts()
+        self.connect_to: dict[Address, Address] = {}
+        audit.setup()
+        if config is not None:
+            self.apply(config)
+
+    # ---- configuration -------------------------------------------------------------------
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "egress_auth_config", str, "", "Path of the egress-auth YAML config file."
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "egress_auth_config" in updated and ctx.options.egress_auth_config:
+            self.config_path = Path(ctx.options.egress_auth_config)
+            # At start-up a bad file must stop mitmdump: raising here does that.
+            self.apply(load_config(self.config_path).config)
+
+    def apply(self, config: ConfigFile) -> None:
+        connect_to = {}
+        for src, dst in config.proxy.connect_to.items():
+            h, p = split_host_port(src)
+            connect_to[(normalize_host(h), p)] = split_host_port(dst)
+        self.state.apply(config)
+        self.connect_to = connect_to
+
+    def running(self) -> None:
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
+        except (NotImplementedError, RuntimeError):  # not on the main thread / platform
+            pass
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the file; a bad file is refused and the running policy stays."""
+        if self.config_path is None:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            loaded = load_config(self.config_path)
+            self.apply(loaded.config)
+        except ConfigError as e:
+            for line in e.report.lines():
+                log.error("reload refused: %s", line)
+            return
+        except Exception as e:  # a snapshot that cannot build must not take the proxy down
+            log.error("reload refused: %s", type(e).__name__)
+            return
+        log.warning("config reloaded: snapshot generation %d", self.state.snapshot.generation)
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.state.snapshot
+
+    def _policy(self, sandbox: str) -> CompiledPolicy | None:
+        return self.snapshot.policies.get(sandbox)
+
+    def _target(self, host: str, port: int) -> Address:
+        return self.connect_to.get((host, port), (host, port))
+
+    def _event(self, st: ConnState, flow: http.HTTPFlow, path: str, decision: str) -> audit.AuditEvent:
+        return audit.AuditEvent(
+            sandbox=st.sandbox, method=flow.request.method, host=st.host, port=st.port,
+            path=path, decision=decision, traffic_rule=st.traffic_rule,
+        )
+
+    def _refuse(self, flow: http.HTTPFlow, ev: audit.AuditEvent, response: http.Response) -> None:
+        flow.response = response
+        ev.emit(response.status_code)
+
+    # ---- connection-level hooks ----------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        sandbox = DEFAULT_SANDBOX
+        try:
+            host = normalize_host(flow.request.host)
+        except ValueError:
+            flow.response = answers.error_response(400, "bad_request", "invalid CONNECT host")
+            return
+        port = flow.request.port
+        st = await self._conn_state(sandbox, host, port)
+        ev = self._event(st, flow, "", "denied")
+        policy = self._policy(sandbox)
+        if policy is None:
+            return
+        decision = check_traffic(policy, host, port, st.dial_ip)
+        st.traffic_rule = decision.rule
+        if not decision.allowed:
+            ev.traffic_rule = decision.rule
+            self._refuse(flow, ev, answers.egress_denied(host, port, decision.rule, decision.mode))
+            return
+        st.tunnel = True
+        self.conns[flow.client_conn.id] = st
+        st.tls = select_tls(self.snapshot, sandbox, host, port, self.clock())
+        if st.tls and st.tls.material is None and not st.tls.resolution.fail_open:
+            # Fail-closed client certificate: do not dial at all. Accept the tunnel ourselves
+            # (a CONNECT answered by an addon skips mitmproxy's eager dial) so that each
+            # request on it can get a 503 that explains why.
+            flow.response = http.Response.make(200, b"", {})
+            flow.response.reason = "Connection established"
+
+    async def _conn_state(self, sandbox: str, host: str, port: int) -> ConnState:
+        dial_host, dial_port = self._target(host, port)
+        ip = await resolve(dial_host, dial_port)
+        return ConnState(sandbox, host, port, (ip, dial_port) if ip else None)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        st = self.conns.get(data.client.id)
+        if st is None or data.server.address is None:
+            return
+        if st.tls and st.tls.material is None and not st.tls.resolution.fail_open:
+            data.server.error = "client certificate unavailable (fail-closed)"
+            return
+        if st.refused:
+            data.server.error = st.refused
+            return
+        # In a tunnel every upstream connection goes to the CONNECT target; a plain-http
+        # client connection dials per request, to the address its request was checked for.
+        dial = st.dial if st.tunnel else st.plain_dials.get(data.server.address)
+        if dial is not None:
+            data.server.address = dial
+        if st.tunnel and data.server.sni is None and not _is_ip(st.host):
+            # Verify the upstream against the name the client asked for, not the pinned IP.
+            data.server.sni = st.host
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        st = self.conns.get(data.context.client.id)
+        if st is None:
+            return
+        sni = data.client_hello.sni
+        if sni is not None:
+            try:
+                same = normalize_host(sni) == st.host
+            except ValueError:
+                same = False
+            if not same:
+                # Never let SNI and the CONNECT target disagree: rules were checked against
+                # the target, so a different name inside could borrow its credentials.
+                st.refused = "TLS server name does not match the CONNECT target"
+                data.establish_server_tls_first = False
+                audit.AuditEvent(
+                    sandbox=st.sandbox, method="CONNECT", host=st.host, port=st.port, path="",
+                    decision="denied", reason="sni_mismatch",
+                ).emit(None)
+
+    def tls_start_client(self, data: tls.TlsData) -> None:
+        st = self.conns.get(data.context.client.id)
+        if st is not None and st.refused:
+            data.ssl_conn = SSL.Connection(_failing_server_context())
+            data.ssl_conn.set_accept_state()
+
+    def tls_start_server(self, data: tls.TlsData) -> None:
+        st = self.conns.get(data.context.client.id)
+        if st is None or st.tls is None or st.tls.material is None:
+            return
+        if data.ssl_conn is None:
+            # As a `-s` script we run before mitmproxy's TlsConfig: let it build the
+            # connection (SNI, ALPN, hostname check, trust) first, then add our certificate.
+            tlsconfig = ctx.master.addons.get("tlsconfig")
+            tlsconfig.tls_start_server(data)
+        # Swapping the context keeps the connection's SNI, ALPN and hostname check, and takes
+        # the certificate, key and trust store from the binding's context.
+        trust = ctx.options.ssl_verify_upstream_trusted_ca or None
+        data.ssl_conn.set_context(self.contexts.get(st.tls.material, trust))
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        st = self.conns.get(data.context.client.id)
+        if st is not None:
+            st.tls_error = data.conn.error or "handshake failed"
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.conns.pop(client.id, None)
+
+    # ---- request-level hooks -------------------------------------------------------------
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None:
+            return
+        # The proxy's own credentials never go upstream, whatever the client sent where.
+        flow.request.headers.pop("Proxy-Authorization", None)
+        st = await self._request_state(flow)
+        if st is None:
+            return
+        raw_path, query = split_target(flow.request.path)
+        path = normalize_path(raw_path)
+        ev = self._event(st, flow, path, "denied")
+        policy = self._policy(st.sandbox)
+        if policy is None:
+            return
+        traffic = check_traffic(policy, st.host, st.port, st.dial_ip)
+        ev.traffic_rule = traffic.rule
+        if not traffic.allowed:
+            self._refuse(flow, ev, answers.egress_denied(st.host, st.port, traffic.rule, traffic.mode))
+            return
+        if st.tls is not None and st.tls.resolution.reason is not None:
+            res = st.tls.resolution
+            ev.credential_rule, ev.binding, ev.source = res.rule, res.binding, res.source_at_version
+            ev.reason = res.reason
+            if not res.fail_open:
+                ev.decision = "failed-closed"
+                self._refuse(flow, ev, answers.credential_unavailable(res))
+                return
+        if st.tls_error is not None:
+            ev.decision = "failed-closed"
+            ev.reason = "upstream_tls"
+            self._refuse(flow, ev, answers.upstream_tls_error(st.host, st.port, st.tls_error))
+            return
+        facts = RequestFacts(
+            scheme=flow.request.scheme,
+            host=st.host,
+            port=st.port,
+            method=flow.request.method,
+            path=path,
+            query=parse_query(query),
+            headers=_header_map(flow.request.headers),
+        )
+        decision = decide_request(self.snapshot, st.sandbox, facts, self.clock())
+        ev.decision = decision.decision
+        if decision.resolution is not None:
+            res = decision.resolution
+            ev.credential_rule, ev.binding, ev.source = res.rule, res.binding, res.source_at_version
+            ev.reason = res.reason
+        if st.tls is not None and decision.decision == "passed":
+            res = st.tls.resolution
+            ev.decision = "injected" if st.tls.material else "failed-open"
+            ev.credential_rule, ev.binding, ev.source = res.rule, res.binding, res.source_at_version
+        if decision.decision == "failed-closed":
+            assert decision.resolution is not None
+            self._refuse(flow, ev, answers.credential_unavailable(decision.resolution))
+            return
+        if decision.decision == "injected":
+            # The upstream gets exactly the path the rules saw.
+            flow.request.path = path + (f"?{query}" if query else "")
+            for name, value in decision.headers:
+                flow.request.headers[name] = value.reveal()
+        if ev.decision != "passed":
+            flow.metadata["egress_auth"] = ev
+
+    async def _request_state(self, flow: http.HTTPFlow) -> ConnState | None:
+        st = self.conns.get(flow.client_conn.id)
+        if flow.client_conn.tls_established or (st is not None and flow.request.scheme == "https"):
+            return st
+        # A plain-http request in absolute form: the URL names what the client asked for.
+        try:
+            host = normalize_host(flow.request.host)
+        except ValueError:
+            return None
+        port = flow.request.port
+        req = await self._conn_state(DEFAULT_SANDBOX, host, port)
+        holder = self.conns.setdefault(flow.client_conn.id, req)
+        if req.dial is not None:
+            holder.plain_dials[(flow.request.host, port)] = req.dial
+        return req
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        ev = flow.metadata.pop("egress_auth", None)
+        if isinstance(ev, audit.AuditEvent) and flow.response is not None:
+            ev.emit(flow.response.status_code)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        ev = flow.metadata.pop("egress_auth", None)
+        if isinstance(ev, audit.AuditEvent):
+            ev.reason = ev.reason or "upstream_error"
+            ev.emit(502)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _header_map(headers: http.Headers) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, value in headers.items(multi=True):
+        out.setdefault(name.lower(), []).append(value)
+    return out
