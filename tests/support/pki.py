@@ -212,8 +212,14 @@ class TestPKI:
     # Stop pytest from trying to collect this class because its name starts with "Test".
     __test__ = False
 
-    def __init__(self, directory: Path, root: _CA, intermediate: _CA, other_root: _CA,
-                 other_intermediate: _CA) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        root: _CA,
+        intermediate: _CA,
+        other_root: _CA,
+        other_intermediate: _CA,
+    ) -> None:
         self.directory = directory
         self._root = root
         self._intermediate = intermediate
@@ -272,7 +278,10 @@ class TestPKI:
         sans.append(x509.IPAddress(LOOPBACK))
         cn = names[0] if names else str(LOOPBACK)
         return self._leaf(
-            cn, self._intermediate, ExtendedKeyUsageOID.SERVER_AUTH, x509.SubjectAlternativeName(sans)
+            cn,
+            self._intermediate,
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            x509.SubjectAlternativeName(sans),
         )
 
     def client(self, cn: str, issuer: ClientIssuer = "intermediate") -> Issued:

@@ -52,7 +52,7 @@ HOST = "127.0.0.1"
 IO_TIMEOUT = 15.0
 READ_CHUNK = 64 * 1024
 MAX_LINE = 64 * 1024
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 ClientCertMode = Literal["none", "required"]
 TLSMax = Literal["1.2", "1.3"]
@@ -423,9 +423,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
                     out += ws.send(
                         Message(data=event.data, message_finished=event.message_finished)
                     )
-                elif isinstance(event, Ping):
-                    out += ws.send(event.response())
-                elif (
+                elif isinstance(event, Ping) or (
+                    # Answer the peer's close; a synthetic 1006 on EOF needs no reply.
                     isinstance(event, CloseConnection)
                     and ws.state is ConnectionState.REMOTE_CLOSING
                 ):
@@ -564,6 +563,24 @@ class EchoServer:
 # HTTP/2 echo server (hypercorn)
 # --------------------------------------------------------------------------------------
 
+# How long a closing TLS connection may wait for the peer's close_notify. asyncio's
+# default is 30 s, so one idle keep-alive client (httpx never reads while idle) would
+# hold hypercorn's graceful shutdown - and therefore stop() - for half a minute.
+H2_SSL_SHUTDOWN_TIMEOUT = 1.0
+
+
+class _BoundedShutdownLoop(asyncio.SelectorEventLoop):
+    """Event loop used only by the H2EchoServer thread (no global asyncio patching).
+
+    hypercorn calls asyncio.start_server without ssl_shutdown_timeout; this injects one.
+    """
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:  # type: ignore[override]
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_shutdown_timeout", H2_SSL_SHUTDOWN_TIMEOUT)
+        return await super().create_server(*args, **kwargs)
+
+
 _Scope = dict[str, Any]
 _Message = dict[str, Any]
 
@@ -595,6 +612,7 @@ class H2EchoServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown: asyncio.Event | None = None
         self._loop_ready = threading.Event()
+        self._stopping = False
 
     def start(self) -> Self:
         if self._thread is not None:
@@ -615,9 +633,12 @@ class H2EchoServer:
         config.keyfile = str(self.cert_paths.key)
         config.alpn_protocols = ["h2", "http/1.1"]
         config.graceful_timeout = 1.0  # keeps stop() short even with open connections
+        config.ssl_handshake_timeout = 5.0  # a stalled handshake should not outlive a test
         config.errorlog = logging.getLogger("tests.support.h2echo")
         config.accesslog = None
 
+        self._stopping = False
+        self._loop_ready.clear()
         # Created before the thread starts so stop() can always signal it; asyncio.Event
         # binds to a loop lazily (3.10+), i.e. to the server loop on first wait().
         self._shutdown = asyncio.Event()
@@ -646,7 +667,8 @@ class H2EchoServer:
         raise TimeoutError(f"hypercorn did not listen on {self.port} in {self.startup_timeout}s")
 
     def _run(self, config: HypercornConfig) -> None:
-        loop = asyncio.new_event_loop()
+        loop = _BoundedShutdownLoop()
+        loop.set_exception_handler(self._on_loop_exception)
         self._loop = loop
         self._loop_ready.set()
         assert self._shutdown is not None
@@ -661,14 +683,31 @@ class H2EchoServer:
         except BaseException as exc:
             self.errors.append(exc)
         finally:
+            # Like asyncio.run's cleanup, but bounded: leftovers (e.g. a connection still
+            # in its TLS handshake) are cancelled instead of "destroyed but pending".
             with contextlib.suppress(Exception):
+                pending = asyncio.all_tasks(loop)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.wait(pending, timeout=1.0))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Route asyncio's "unhandled exception" reports into srv.errors instead of stderr.
+        # While stopping, failures are the expected result of cutting connections off.
+        exc = context.get("exception")
+        if self._stopping:
+            _log.debug("h2 echo server during stop: %s %r", context.get("message"), exc)
+            return
+        self.errors.append(exc if exc is not None else RuntimeError(str(context.get("message"))))
 
     def stop(self, timeout: float = 5.0) -> None:
         thread = self._thread
         if thread is None:
             return
+        self._stopping = True
         if self._loop_ready.wait(timeout=min(timeout, 1.0)) and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # loop already closed
                 assert self._shutdown is not None

@@ -9,7 +9,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -48,8 +47,9 @@ def client_context(pki: TestPKI, cert: Literal["good", "other", "none"] = "none"
     return ctx
 
 
-def client(pki: TestPKI, cert: Literal["good", "other", "none"] = "none",
-           http2: bool = False) -> httpx.Client:
+def client(
+    pki: TestPKI, cert: Literal["good", "other", "none"] = "none", http2: bool = False
+) -> httpx.Client:
     return httpx.Client(verify=client_context(pki, cert), timeout=TIMEOUT, http2=http2)
 
 
@@ -174,8 +174,10 @@ def test_mtls_tls13_failure_is_after_handshake(pki: TestPKI) -> None:
     # first read fails, which is what a proxy must cope with.
     with EchoServer(pki, client_cert="required", tls_max="1.3") as srv:
         ctx = client_context(pki, "other")
-        with socket.create_connection((HOST, srv.port), timeout=TIMEOUT) as raw, \
-                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        with (
+            socket.create_connection((HOST, srv.port), timeout=TIMEOUT) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
             assert tls.version() == "TLSv1.3"
             # Depending on timing the server's alert+close lands before our write (EOF on
             # send) or after it (alert on recv); either way the first I/O fails.
@@ -215,8 +217,10 @@ def test_h2_server_still_speaks_http11(pki: TestPKI) -> None:
 def test_websocket_upgrade_and_echo(pki: TestPKI) -> None:
     with EchoServer(pki, names=["ws.example.test"]) as srv:
         ctx = client_context(pki)
-        with socket.create_connection((HOST, srv.port), timeout=TIMEOUT) as raw, \
-                ctx.wrap_socket(raw, server_hostname="ws.example.test") as sock:
+        with (
+            socket.create_connection((HOST, srv.port), timeout=TIMEOUT) as raw,
+            ctx.wrap_socket(raw, server_hostname="ws.example.test") as sock,
+        ):
             ws = WSConnection(ConnectionType.CLIENT)
             sock.sendall(ws.send(Request(host="ws.example.test", target="/chat?room=1")))
             deadline = time.monotonic() + TIMEOUT
@@ -246,26 +250,27 @@ def test_websocket_upgrade_and_echo(pki: TestPKI) -> None:
 
     (seen,) = srv.seen.snapshot()
     assert seen.path == "/chat?room=1"
-    assert seen.header("upgrade") == "websocket"
+    assert (seen.header("upgrade") or "").lower() == "websocket"  # wsproto sends "WebSocket"
     assert not srv.errors
 
 
 # -- lifecycle ----------------------------------------------------------------------------
 
 
-def test_stop_is_bounded_with_idle_keepalive(pki: TestPKI, tmp_path: Path) -> None:
+def test_stop_is_bounded_with_idle_keepalive(pki: TestPKI) -> None:
+    # An idle pooled connection must not stretch stop(): the e2e suite starts and stops
+    # many upstreams while clients (or the proxy) still hold connections to them.
     srv = EchoServer(pki).start()
-    c = client(pki)
-    try:
-        c.get(f"{srv.url}/")  # leaves an idle keep-alive connection on the server
+    h2 = H2EchoServer(pki).start()
+    wait_port(HOST, h2.port, timeout=1.0)
+    with client(pki) as c1, client(pki, http2=True) as c2:
+        assert c1.get(f"{srv.url}/").status_code == 200
+        assert c2.get(f"{h2.url}/").http_version == "HTTP/2"
         started = time.monotonic()
         srv.stop()
         assert time.monotonic() - started < 2.0
-    finally:
-        c.close()
-    h2 = H2EchoServer(pki).start()
-    wait_port(HOST, h2.port, timeout=1.0)
-    started = time.monotonic()
-    h2.stop()
-    assert time.monotonic() - started < 3.0
+        started = time.monotonic()
+        h2.stop()  # hypercorn graceful period + capped TLS close_notify wait
+        assert time.monotonic() - started < 4.0
+    assert not srv.errors
     assert not h2.errors

@@ -38,11 +38,16 @@ from ..policy.match import (
 from ..policy.paths import normalize_path, split_target
 from ..state import DEFAULT_SANDBOX, LiveState
 from . import answers
-from .tls import ClientContexts
+from .tls import ClientContexts, UpstreamWatch, watch_connection
 
 log = logging.getLogger("egress_auth")
 
 Address = tuple[str, int]
+
+# How long the first request on a TLS 1.3 connection may wait for an upstream that asked
+# for a client certificate to accept or refuse it (one round trip; bounded for servers
+# that send no session ticket).
+VERDICT_WAIT = 1.0
 
 
 @dataclass
@@ -57,6 +62,7 @@ class ConnState:
     tls: TlsSelection | None = None
     tls_error: str | None = None  # upstream TLS failure seen on this connection
     refused: str | None = None
+    upstream: UpstreamWatch | None = None
     tunnel: bool = False
     plain_dials: dict[Address, Address] = field(default_factory=dict)
 
@@ -253,7 +259,7 @@ class EgressAuth:
 
     def tls_start_server(self, data: tls.TlsData) -> None:
         st = self.conns.get(data.context.client.id)
-        if st is None or st.tls is None or st.tls.material is None:
+        if st is None or not st.tunnel:
             return
         if data.ssl_conn is None:
             # As a `-s` script we run before mitmproxy's TlsConfig: let it build the
@@ -263,12 +269,32 @@ class EgressAuth:
         # Swapping the context keeps the connection's SNI, ALPN and hostname check, and takes
         # the certificate, key and trust store from the binding's context.
         trust = ctx.options.ssl_verify_upstream_trusted_ca or None
-        data.ssl_conn.set_context(self.contexts.get(st.tls.material, trust))
+        material = st.tls.material if st.tls is not None else None
+        data.ssl_conn.set_context(self.contexts.get(material, trust))
+        st.upstream = watch_connection(data.ssl_conn)
 
     def tls_failed_server(self, data: tls.TlsData) -> None:
         st = self.conns.get(data.context.client.id)
         if st is not None:
-            st.tls_error = data.conn.error or "handshake failed"
+            alert = st.upstream.alert if st.upstream else None
+            st.tls_error = (
+                f"the upstream refused the handshake (TLS alert {alert})"
+                if alert
+                else data.conn.error or "handshake failed"
+            )
+
+    async def _upstream_verdict(self, st: ConnState) -> None:
+        """Wait (bounded) until a TLS 1.3 upstream that asked for a certificate has answered."""
+        watch = st.upstream
+        if watch is None:
+            return
+        if watch.needs_verdict():
+            try:
+                await asyncio.wait_for(watch.settled.wait(), VERDICT_WAIT)
+            except TimeoutError:
+                watch.settled.set()  # a server that sends no ticket: go on, once
+        if watch.alert and st.tls_error is None:
+            st.tls_error = f"the upstream refused the TLS session (TLS alert {watch.alert})"
 
     def client_disconnected(self, client: connection.Client) -> None:
         self.conns.pop(client.id, None)
@@ -302,6 +328,7 @@ class EgressAuth:
                 ev.decision = "failed-closed"
                 self._refuse(flow, ev, answers.credential_unavailable(res))
                 return
+        await self._upstream_verdict(st)
         if st.tls_error is not None:
             ev.decision = "failed-closed"
             ev.reason = "upstream_tls"
