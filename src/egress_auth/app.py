@@ -74,7 +74,9 @@ def check_port_free(host: str, port: int, what: str) -> None:
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
                 raise StartupError(f"{what} address {host}:{port} is already in use") from None
-            raise StartupError(f"cannot listen on {what} address {host}:{port}: {e.strerror}") from None
+            raise StartupError(
+                f"cannot listen on {what} address {host}:{port}: {e.strerror}"
+            ) from None
 
 
 async def _run(settings: RunSettings, announce: list[str]) -> None:
@@ -89,12 +91,12 @@ async def _run(settings: RunSettings, announce: list[str]) -> None:
     )
     master = DumpMaster(opts, with_termlog=True, with_dumper=False)
     # This option belongs to an addon, so it exists only once the master has loaded them.
-    opts.update(stream_large_bodies=STREAM_LARGE_BODIES)
+    opts.update(stream_large_bodies=STREAM_LARGE_BODIES)  # type: ignore[no-untyped-call]
     trust = upstream_trust_bundle(settings.data_dir, settings.upstream_ca)
     if trust:
-        opts.update(ssl_verify_upstream_trusted_ca=trust)
+        opts.update(ssl_verify_upstream_trusted_ca=trust)  # type: ignore[no-untyped-call]
     addon = EgressAuth(config=settings.config, config_path=settings.config_path)
-    master.addons.add(addon)
+    master.addons.add(addon)  # type: ignore[no-untyped-call]
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.shutdown)

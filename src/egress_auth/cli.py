@@ -119,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the proxy")
-    run.add_argument("--config", help="config file (default: $EGRESS_AUTH_CONFIG or "
-                     "config/egress-auth.yaml when present)")
+    run.add_argument(
+        "--config",
+        help="config file (default: $EGRESS_AUTH_CONFIG or config/egress-auth.yaml when present)",
+    )
     run.add_argument("--listen", help="proxy HOST:PORT (default 127.0.0.1:8080)")
     run.add_argument("--admin-listen", help="admin API HOST:PORT (default 127.0.0.1:8081)")
     run.add_argument("--data-dir", default=DEFAULT_DATA)

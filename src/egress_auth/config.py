@@ -95,7 +95,9 @@ class LoadedConfig:
     report: ConfigReport
 
 
-def _positions(node: yaml.Node, loc: Loc, out: dict[Loc, tuple[int, int]], problems: list[Problem]) -> None:
+def _positions(
+    node: yaml.Node, loc: Loc, out: dict[Loc, tuple[int, int]], problems: list[Problem]
+) -> None:
     mark = node.start_mark
     out.setdefault(loc, (mark.line + 1, mark.column + 1))
     if isinstance(node, yaml.MappingNode):
@@ -166,17 +168,15 @@ def _data_loc(loc: tuple[Any, ...], data: Any) -> Loc:
     out: list[str | int] = []
     cur = data
     for part in loc:
-        if isinstance(cur, dict) and part in cur:
+        if (isinstance(cur, dict) and part in cur) or (
+            isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur)
+        ):
             out.append(part)
             cur = cur[part]
-        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
-            out.append(part)
-            cur = cur[part]
-        elif isinstance(cur, dict) and isinstance(part, str) and not out[-1:] == [part]:
+        elif isinstance(cur, dict) and isinstance(part, str) and _is_field_name(part):
             # A missing or unknown field: keep its name, the place is its parent's.
-            if _is_field_name(part):
-                out.append(part)
-                cur = None
+            out.append(part)
+            cur = None
     return tuple(out)
 
 

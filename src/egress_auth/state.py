@@ -79,7 +79,9 @@ class LiveState:
                 sources[s.name] = old
             else:
                 sources[s.name] = Versioned(s, old.version + 1)
-        snapshot = build_snapshot(config, sources, self.snapshot)  # may raise: nothing is swapped then
+        snapshot = build_snapshot(
+            config, sources, self.snapshot
+        )  # may raise: nothing is swapped then
         self._sources, self.config, self.snapshot = sources, config, snapshot
         for listener in self.listeners:
             listener(snapshot)

@@ -26,8 +26,13 @@ def free_port() -> int:
 class ProxyProcess:
     """`egress-auth run` in a subprocess, stdout and stderr captured to files."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None,
-                 certs_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        certs_dir: Path | None = None,
+    ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -55,10 +60,16 @@ class ProxyProcess:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "egress_auth.cli", "run",
-            "--config", str(self.config_path),
-            "--certs-dir", str(self.certs_dir),
-            "--data-dir", str(self.data_dir),
+            sys.executable,
+            "-m",
+            "egress_auth.cli",
+            "run",
+            "--config",
+            str(self.config_path),
+            "--certs-dir",
+            str(self.certs_dir),
+            "--data-dir",
+            str(self.data_dir),
         ]
 
     def start(self, timeout: float = 20.0) -> ProxyProcess:

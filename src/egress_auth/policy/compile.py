@@ -25,7 +25,7 @@ from ..model.policy import (
     ValueMatch,
 )
 from ..secrets.material import Material, Secret
-from .domains import DomainIndex, parse_domain_pattern
+from .domains import DomainIndex, DomainPattern, parse_domain_pattern
 from .render import RenderError, ValueTemplate, parse_value_template
 
 _generation = itertools.count(1)
@@ -206,8 +206,8 @@ def compile_policy(policy: SandboxNetworkPolicy) -> CompiledPolicy:
             for i, r in enumerate(policy.egress.traffic_rules)
         ]
     )
-    request_entries = []
-    tls_entries = []
+    request_entries: list[tuple[list[DomainPattern], CompiledCredentialRule]] = []
+    tls_entries: list[tuple[list[DomainPattern], CompiledCredentialRule]] = []
     for i, rule in enumerate(policy.egress.credential_rules):
         if rule.rollout == "disabled":
             continue

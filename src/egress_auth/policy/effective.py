@@ -26,16 +26,16 @@ def effective_policy(
 ) -> SandboxNetworkPolicy:
     if overrides is None:
         return template
-    egress = overrides.egress
+    egress = overrides.egress or Egress()
     return SandboxNetworkPolicy(
         mode=overrides.mode or template.mode,
         egress=Egress(
             traffic_rules=merge_by_key(
-                template.egress.traffic_rules, egress and egress.traffic_rules, lambda r: r.name
+                template.egress.traffic_rules, egress.traffic_rules, lambda r: r.name
             ),
             credential_rules=merge_by_key(
                 template.egress.credential_rules,
-                egress and egress.credential_rules,
+                egress.credential_rules,
                 lambda r: r.name,
             ),
         ),

@@ -79,7 +79,9 @@ def _http_match(rule: CompiledCredentialRule, facts: RequestFacts) -> bool:
     return all(c.holds(facts.header_values(c.name)) for c in rule.headers)
 
 
-def match_request_rule(policy: CompiledPolicy, facts: RequestFacts) -> CompiledCredentialRule | None:
+def match_request_rule(
+    policy: CompiledPolicy, facts: RequestFacts
+) -> CompiledCredentialRule | None:
     if facts.method == "TRACE":  # never inject on TRACE: the upstream would echo the secret
         return None
     for rule in policy.requests.lookup(facts.host):
@@ -138,7 +140,9 @@ def decide_request(
         try:
             return RequestDecision("injected", res, rule.binding.render(entry.material))
         except RenderError:
-            res = Resolution(res.rule, res.binding, res.source, res.version, res.fail_open, "render")
+            res = Resolution(
+                res.rule, res.binding, res.source, res.version, res.fail_open, "render"
+            )
     return RequestDecision("failed-open" if res.fail_open else "failed-closed", res)
 
 
@@ -160,7 +164,9 @@ def select_tls(
             res, entry = _resolve(snapshot, rule, now)
             tls = entry.material.tls if entry and entry.material else None
             if entry is not None and tls is None:
-                res = Resolution(res.rule, res.binding, res.source, res.version, res.fail_open, "render")
+                res = Resolution(
+                    res.rule, res.binding, res.source, res.version, res.fail_open, "render"
+                )
             return TlsSelection(res, tls)
     return None
 

@@ -8,12 +8,14 @@ see only the requested host:port; `connectTo` and DNS pinning change only where 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +87,25 @@ async def resolve(host: str, port: int) -> str | None:
     return str(infos[0][4][0]) if infos else None
 
 
+def _fail_closed_flow(
+    hook: Callable[[EgressAuth, http.HTTPFlow], Awaitable[None]],
+) -> Callable[[EgressAuth, http.HTTPFlow], Awaitable[None]]:
+    """mitmproxy logs an addon's exception and forwards the request anyway; for a policy
+    hook that would mean unchecked traffic. Answer 500 instead, and say nothing more."""
+
+    @functools.wraps(hook)
+    async def wrapper(self: EgressAuth, flow: http.HTTPFlow) -> None:
+        try:
+            await hook(self, flow)
+        except Exception:
+            log.exception("egress-auth internal error in %s", hook.__name__)
+            flow.response = answers.error_response(
+                500, "internal_error", "egress-auth could not decide on this request"
+            )
+
+    return wrapper
+
+
 def _failing_server_context() -> SSL.Context:
     # A server context with no certificate: the client's handshake fails at once, which is
     # how a connection is refused after its ClientHello.
@@ -132,10 +153,9 @@ class EgressAuth:
         self.connect_to = connect_to
 
     def running(self) -> None:
-        try:
+        # Not available off the main thread or on some platforms: then no SIGHUP reload.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
-        except (NotImplementedError, RuntimeError):  # not on the main thread / platform
-            pass
 
     def reload(self) -> None:
         """SIGHUP: re-read the file; a bad file is refused and the running policy stays."""
@@ -166,10 +186,17 @@ class EgressAuth:
     def _target(self, host: str, port: int) -> Address:
         return self.connect_to.get((host, port), (host, port))
 
-    def _event(self, st: ConnState, flow: http.HTTPFlow, path: str, decision: str) -> audit.AuditEvent:
+    def _event(
+        self, st: ConnState, flow: http.HTTPFlow, path: str, decision: str
+    ) -> audit.AuditEvent:
         return audit.AuditEvent(
-            sandbox=st.sandbox, method=flow.request.method, host=st.host, port=st.port,
-            path=path, decision=decision, traffic_rule=st.traffic_rule,
+            sandbox=st.sandbox,
+            method=flow.request.method,
+            host=st.host,
+            port=st.port,
+            path=path,
+            decision=decision,
+            traffic_rule=st.traffic_rule,
         )
 
     def _refuse(self, flow: http.HTTPFlow, ev: audit.AuditEvent, response: http.Response) -> None:
@@ -178,6 +205,7 @@ class EgressAuth:
 
     # ---- connection-level hooks ----------------------------------------------------------
 
+    @_fail_closed_flow
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         sandbox = DEFAULT_SANDBOX
         try:
@@ -213,6 +241,13 @@ class EgressAuth:
         return ConnState(sandbox, host, port, (ip, dial_port) if ip else None)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        try:
+            self._pin_server(data)
+        except Exception:
+            log.exception("egress-auth internal error in server_connect")
+            data.server.error = "egress-auth internal error"
+
+    def _pin_server(self, data: server_hooks.ServerConnectionHookData) -> None:
         st = self.conns.get(data.client.id)
         if st is None or data.server.address is None:
             return
@@ -247,8 +282,13 @@ class EgressAuth:
                 st.refused = "TLS server name does not match the CONNECT target"
                 data.establish_server_tls_first = False
                 audit.AuditEvent(
-                    sandbox=st.sandbox, method="CONNECT", host=st.host, port=st.port, path="",
-                    decision="denied", reason="sni_mismatch",
+                    sandbox=st.sandbox,
+                    method="CONNECT",
+                    host=st.host,
+                    port=st.port,
+                    path="",
+                    decision="denied",
+                    reason="sni_mismatch",
                 ).emit(None)
 
     def tls_start_client(self, data: tls.TlsData) -> None:
@@ -264,8 +304,10 @@ class EgressAuth:
         if data.ssl_conn is None:
             # As a `-s` script we run before mitmproxy's TlsConfig: let it build the
             # connection (SNI, ALPN, hostname check, trust) first, then add our certificate.
-            tlsconfig = ctx.master.addons.get("tlsconfig")
+            tlsconfig = ctx.master.addons.get("tlsconfig")  # type: ignore[no-untyped-call]
             tlsconfig.tls_start_server(data)
+        if data.ssl_conn is None:
+            return
         # Swapping the context keeps the connection's SNI, ALPN and hostname check, and takes
         # the certificate, key and trust store from the binding's context.
         trust = ctx.options.ssl_verify_upstream_trusted_ca or None
@@ -301,6 +343,7 @@ class EgressAuth:
 
     # ---- request-level hooks -------------------------------------------------------------
 
+    @_fail_closed_flow
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
@@ -318,7 +361,9 @@ class EgressAuth:
         traffic = check_traffic(policy, st.host, st.port, st.dial_ip)
         ev.traffic_rule = traffic.rule
         if not traffic.allowed:
-            self._refuse(flow, ev, answers.egress_denied(st.host, st.port, traffic.rule, traffic.mode))
+            self._refuse(
+                flow, ev, answers.egress_denied(st.host, st.port, traffic.rule, traffic.mode)
+            )
             return
         if st.tls is not None and st.tls.resolution.reason is not None:
             res = st.tls.resolution
@@ -403,6 +448,6 @@ def _is_ip(host: str) -> bool:
 
 def _header_map(headers: http.Headers) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for name, value in headers.items(multi=True):
+    for name, value in headers.items(multi=True):  # type: ignore[no-untyped-call]
         out.setdefault(name.lower(), []).append(value)
     return out

@@ -38,8 +38,12 @@ def egress_denied(host: str, port: int, rule: str | None, mode: str) -> http.Res
     where = {"rule": rule} if rule else {"mode": mode}
     why = f"traffic rule {rule!r}" if rule else f"mode {mode!r} (no traffic rule matched)"
     return error_response(
-        403, "egress_denied", f"egress to {host}:{port} is denied by {why}",
-        host=host, port=port, **where,
+        403,
+        "egress_denied",
+        f"egress to {host}:{port} is denied by {why}",
+        host=host,
+        port=port,
+        **where,
     )
 
 
@@ -51,20 +55,27 @@ def credential_unavailable(res: Resolution) -> http.Response:
         f"credential rule {res.rule!r} needs binding {res.binding!r}, whose source "
         f"{res.source!r} {_REASON_TEXT[reason]}; the rule is fail-closed, so the request "
         "was not sent",
-        rule=res.rule, binding=res.binding, source=res.source, reason=reason,
+        rule=res.rule,
+        binding=res.binding,
+        source=res.source,
+        reason=reason,
     )
 
 
 def upstream_tls_error(host: str, port: int, detail: str) -> http.Response:
     return error_response(
-        502, "upstream_tls_error", f"TLS with the upstream {host}:{port} failed: {detail}",
-        host=host, port=port,
+        502,
+        "upstream_tls_error",
+        f"TLS with the upstream {host}:{port} failed: {detail}",
+        host=host,
+        port=port,
     )
 
 
 def sni_mismatch(host: str, sni: str) -> http.Response:
     return error_response(
-        421, "sni_mismatch",
+        421,
+        "sni_mismatch",
         f"the TLS server name {sni!r} does not name the CONNECT target {host!r}",
         host=host,
     )

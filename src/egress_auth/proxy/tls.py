@@ -24,9 +24,16 @@ def _x509(cert: x509.Certificate) -> crypto.X509:
 
 # TLS alert descriptions (RFC 8446 section 6) an upstream sends when it refuses us.
 ALERTS = {
-    40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
-    44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",
-    48: "unknown_ca", 49: "access_denied", 70: "protocol_version", 112: "unrecognized_name",
+    40: "handshake_failure",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    48: "unknown_ca",
+    49: "access_denied",
+    70: "protocol_version",
+    112: "unrecognized_name",
     116: "certificate_required",
 }
 _CERT_REQUEST_STATE = b"SSLv3/TLS read server certificate request"

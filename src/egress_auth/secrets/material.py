@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -85,8 +86,12 @@ class Material:
     tls: TlsMaterial | None = None
 
 
-_KeyTypes = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
-             ed448.Ed448PrivateKey)
+_KeyTypes = (
+    rsa.RSAPrivateKey,
+    ec.EllipticCurvePrivateKey,
+    ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey,
+)
 
 
 def _load_certs(pem: str, field_name: str) -> list[x509.Certificate]:
@@ -100,7 +105,7 @@ def _load_certs(pem: str, field_name: str) -> list[x509.Certificate]:
 
 
 def _check_chain_order(certs: list[x509.Certificate]) -> None:
-    for i, (child, parent) in enumerate(zip(certs, certs[1:], strict=False)):
+    for i, (child, parent) in enumerate(itertools.pairwise(certs)):
         if child.issuer != parent.subject:
             raise MaterialError(
                 "certificatePem",
@@ -124,7 +129,9 @@ def certificate_facts(cert: x509.Certificate) -> CertificateFacts:
     )
 
 
-def load_tls_material(certificate_pem: str, private_key_pem: str, ca_pem: str | None) -> TlsMaterial:
+def load_tls_material(
+    certificate_pem: str, private_key_pem: str, ca_pem: str | None
+) -> TlsMaterial:
     """Parse and cross-check a client certificate source. Errors name the field, not the value."""
     certs = _load_certs(certificate_pem, "certificatePem")
     _check_chain_order(certs)
@@ -132,13 +139,13 @@ def load_tls_material(certificate_pem: str, private_key_pem: str, ca_pem: str | 
         key = serialization.load_pem_private_key(private_key_pem.encode(), password=None)
     except (ValueError, TypeError):
         # The parser's own message can quote key bytes; replace it with a fixed reason.
-        raise MaterialError(
-            "privateKeyPem", "is not an unencrypted PEM private key"
-        ) from None
+        raise MaterialError("privateKeyPem", "is not an unencrypted PEM private key") from None
     if not isinstance(key, _KeyTypes):
         raise MaterialError("privateKeyPem", "key type is not supported for TLS")
-    leaf_pub = certs[0].public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    leaf_pub = (
+        certs[0]
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     key_pub = key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -177,5 +184,7 @@ def material_of(source: CredentialSource) -> Material:
     tls = spec.static_tls_client_certificate
     assert tls is not None  # the model guarantees exactly one member
     return Material(
-        tls=load_tls_material(tls.certificate_pem, tls.private_key_pem.get_secret_value(), tls.ca_pem)
+        tls=load_tls_material(
+            tls.certificate_pem, tls.private_key_pem.get_secret_value(), tls.ca_pem
+        )
     )
