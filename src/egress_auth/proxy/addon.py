@@ -153,6 +153,13 @@ class EgressAuth:
         self.connect_to = connect_to
 
     def running(self) -> None:
+        config = self.state.config
+        if config is not None and config.proxy.intercept == "matching":
+            # Tunnelling unmatched connections is planned; be explicit about today's behaviour.
+            log.warning(
+                "proxy.intercept 'matching' is not implemented yet: every connection is "
+                "intercepted (as with 'all')"
+            )
         # Not available off the main thread or on some platforms: then no SIGHUP reload.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
