@@ -113,7 +113,7 @@ def run(settings: RunSettings) -> None:
     announce = [
         f"egress-auth proxy: http://{shown_host}:{port}",
         "egress-auth admin: not served yet (the admin API is planned)",
-        f"egress-auth CA: {ca}",
+        f"egress-auth CA: {ca.resolve()}",
     ]
     asyncio.run(_run(settings, announce))
 
