@@ -84,6 +84,10 @@ class ConfigError(Exception):
 def format_loc(loc: Iterable[str | int]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and part.startswith("#"):
+            # Internal place markers (such as "#dup", the second copy of a duplicated key)
+            # locate the line but are not part of the field path the user wrote.
+            continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
 

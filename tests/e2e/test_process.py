@@ -182,7 +182,7 @@ def test_run_on_embedded_defaults_prints_urls(tmp_path: Path) -> None:
         wait_port("127.0.0.1", port, timeout=20)
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=10)
+        out, _ = proc.communicate(timeout=10)
     assert f"egress-auth proxy: http://127.0.0.1:{port}" in out
     assert f"egress-auth CA: {tmp_path / 'certs' / 'mitmproxy-ca-cert.pem'}" in out
     assert (tmp_path / "certs" / "mitmproxy-ca-cert.pem").exists()
