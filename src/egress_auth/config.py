@@ -25,6 +25,9 @@ Loc = tuple[str | int, ...]
 
 _REF_RE = re.compile(r"^\$\{(env|file):([^}]*)\}$")
 
+# Loc marker for the place of a duplicated key's second copy (see `_positions`).
+_DUP = "#dup"
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -84,9 +87,9 @@ class ConfigError(Exception):
 def format_loc(loc: Iterable[str | int]) -> str:
     out = ""
     for part in loc:
-        if isinstance(part, str) and part.startswith("#"):
-            # Internal place markers (such as "#dup", the second copy of a duplicated key)
-            # locate the line but are not part of the field path the user wrote.
+        if part == _DUP:
+            # The marker locates the second copy of a duplicated key; it is not part of the
+            # field path the user wrote, so it must not show in the message.
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
@@ -111,8 +114,8 @@ def _positions(
             if key in seen:
                 # PyYAML silently keeps the last duplicate; a policy file must not.
                 k_mark = key_node.start_mark
-                out.setdefault((*loc, key, "#dup"), (k_mark.line + 1, k_mark.column + 1))
-                problems.append(Problem((*loc, key, "#dup"), f"key {key!r} appears twice"))
+                out.setdefault((*loc, key, _DUP), (k_mark.line + 1, k_mark.column + 1))
+                problems.append(Problem((*loc, key, _DUP), f"key {key!r} appears twice"))
             seen.add(key)
             k_mark = key_node.start_mark
             out[(*loc, key)] = (k_mark.line + 1, k_mark.column + 1)
