@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import os
 import signal
 import socket
@@ -105,8 +106,28 @@ async def _run(settings: RunSettings, announce: list[str]) -> None:
     await master.run()
 
 
+def check_sandbox_auth(config: ConfigFile, host: str) -> None:
+    """Refuse to serve other machines' clients until they can be told apart.
+
+    The spec's default is `sandboxAuth: required` on a non-loopback address, and per-sandbox
+    identity is not built yet: starting anyway would hand the credentials to anyone who can
+    reach the port. Saying `sandboxAuth: optional` accepts that on purpose.
+    """
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback and config.proxy.sandbox_auth != "optional":
+        raise StartupError(
+            f"listening on {host} (not loopback) needs sandboxAuth: required, and per-sandbox "
+            "identity is not implemented yet; set proxy.sandboxAuth: optional to accept every "
+            "client as the sandbox 'default'"
+        )
+
+
 def run(settings: RunSettings) -> None:
     host, port = settings.listen
+    check_sandbox_auth(settings.config, host)
     check_port_free(host, port, "proxy")
     ca = ensure_ca(settings.certs_dir)
     shown_host = f"[{host}]" if ":" in host else host

@@ -33,7 +33,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(line, file=sys.stderr)
         else:
             config = ConfigFile()
-        listen = listen_of(args.listen or config.proxy.listen)
+        try:
+            listen = listen_of(args.listen or config.proxy.listen)
+        except ValueError as e:
+            return _fail(f"{'--listen' if args.listen else 'proxy.listen'}: {e}")
         upstream_ca = args.upstream_ca or config.proxy.upstream_ca_file
         settings = RunSettings(
             config=config,

@@ -210,3 +210,37 @@ def test_example_config_checks_clean() -> None:
     r = _cli("check", "--config", str(repo / "config" / "egress-auth.yaml"))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok" in r.stdout
+
+
+def test_block_all_reaches_only_what_traffic_rules_allow(
+    tmp_path: Path, pki: TestPKI, echo: EchoServer
+) -> None:
+    # CIDR rules match the address the proxy actually dials (after connectTo and DNS):
+    # one.example.test dials 127.0.0.1 (allowed), two.example.test dials 127.0.0.2 (not).
+    config = _config(pki, echo, TOKEN_V1, "one.example.test")
+    config["proxy"]["connectTo"]["two.example.test:443"] = f"127.0.0.2:{echo.port}"
+    network = config["templates"][0]["spec"]["network"]
+    network["mode"] = "block-all"
+    network["egress"]["trafficRules"] = [
+        {"name": "loopback-one", "action": "allow", "cidrs": ["127.0.0.1/32"],
+         "ports": [{"port": 443}]},
+    ]
+    proxy = ProxyProcess(tmp_path, config)
+    with proxy:
+        n = len(echo.seen)
+        assert _get(proxy.url, proxy.ca_path, "https://one.example.test/").status_code == 200
+        with pytest.raises(httpx.ProxyError) as denied:
+            _get(proxy.url, proxy.ca_path, "https://two.example.test/")
+        assert "403" in str(denied.value)
+        line = proxy.wait_audit(lambda d: d.get("host") == "two.example.test")
+        assert line["decision"] == "denied"
+        assert "trafficRule" not in line  # refused by mode block-all, no rule matched
+    assert _auth_seen(echo, n) == [[f"Bearer {TOKEN_V1}"]]
+
+
+def test_run_refuses_non_loopback_listen_without_sandbox_auth(tmp_path: Path) -> None:
+    r = _cli("run", "--listen", "0.0.0.0:18999", "--certs-dir", str(tmp_path / "c"),
+             "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "sandboxAuth" in r.stderr

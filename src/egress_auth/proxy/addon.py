@@ -206,6 +206,29 @@ class EgressAuth:
             traffic_rule=st.traffic_rule,
         )
 
+    def _traffic_allowed(self, flow: http.HTTPFlow, st: ConnState, ev: audit.AuditEvent) -> bool:
+        """Traffic policy for host, port and the address we will dial; refuse if it says no.
+
+        A target that does not resolve is refused here too: letting mitmproxy resolve it
+        again later would dial an address no CIDR rule was checked against.
+        """
+        policy = self._policy(st.sandbox)
+        if policy is None:  # no policy for this sandbox: nothing is allowed
+            self._refuse(flow, ev, answers.egress_denied(st.host, st.port, None, "block-all"))
+            return False
+        decision = check_traffic(policy, st.host, st.port, st.dial_ip)
+        st.traffic_rule = ev.traffic_rule = decision.rule
+        if not decision.allowed:
+            self._refuse(
+                flow, ev, answers.egress_denied(st.host, st.port, decision.rule, decision.mode)
+            )
+            return False
+        if st.dial is None:
+            ev.reason = "unresolvable"
+            self._refuse(flow, ev, answers.unresolvable(st.host, st.port))
+            return False
+        return True
+
     def _refuse(self, flow: http.HTTPFlow, ev: audit.AuditEvent, response: http.Response) -> None:
         flow.response = response
         ev.emit(response.status_code)
@@ -223,14 +246,7 @@ class EgressAuth:
         port = flow.request.port
         st = await self._conn_state(sandbox, host, port)
         ev = self._event(st, flow, "", "denied")
-        policy = self._policy(sandbox)
-        if policy is None:
-            return
-        decision = check_traffic(policy, host, port, st.dial_ip)
-        st.traffic_rule = decision.rule
-        if not decision.allowed:
-            ev.traffic_rule = decision.rule
-            self._refuse(flow, ev, answers.egress_denied(host, port, decision.rule, decision.mode))
+        if not self._traffic_allowed(flow, st, ev):
             return
         st.tunnel = True
         self.conns[flow.client_conn.id] = st
@@ -362,15 +378,7 @@ class EgressAuth:
         raw_path, query = split_target(flow.request.path)
         path = normalize_path(raw_path)
         ev = self._event(st, flow, path, "denied")
-        policy = self._policy(st.sandbox)
-        if policy is None:
-            return
-        traffic = check_traffic(policy, st.host, st.port, st.dial_ip)
-        ev.traffic_rule = traffic.rule
-        if not traffic.allowed:
-            self._refuse(
-                flow, ev, answers.egress_denied(st.host, st.port, traffic.rule, traffic.mode)
-            )
+        if not self._traffic_allowed(flow, st, ev):
             return
         if st.tls is not None and st.tls.resolution.reason is not None:
             res = st.tls.resolution

@@ -72,10 +72,7 @@ def upstream_tls_error(host: str, port: int, detail: str) -> http.Response:
     )
 
 
-def sni_mismatch(host: str, sni: str) -> http.Response:
+def unresolvable(host: str, port: int) -> http.Response:
     return error_response(
-        421,
-        "sni_mismatch",
-        f"the TLS server name {sni!r} does not name the CONNECT target {host!r}",
-        host=host,
+        502, "upstream_unresolvable", f"cannot resolve {host}:{port}", host=host, port=port
     )
