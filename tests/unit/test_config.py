@@ -337,9 +337,7 @@ def test_bad_wildcard(ws: Workspace, bad: str) -> None:
 @pytest.mark.parametrize("name", ["Host", "host", "Proxy-Authorization", "X-Forwarded-For"])
 def test_forbidden_header_name(ws: Workspace, name: str) -> None:
     text = edit(FULL, "- name: Authorization", f"- name: {name}")
-    line = one_line(
-        ws.errors(text), f"{BINDINGS}[0].projection.httpHeaders.headers[0].name"
-    )
+    line = one_line(ws.errors(text), f"{BINDINGS}[0].projection.httpHeaders.headers[0].name")
     assert_at(line, ws.path, line_of(text, f"- name: {name}"))
     assert "controlled by the proxy" in line
 

@@ -374,6 +374,11 @@ class EgressAuth:
         flow.request.headers.pop("Proxy-Authorization", None)
         st = await self._request_state(flow)
         if st is None:
+            # No CONNECT we checked and no usable absolute URL: nothing to decide on, so
+            # nothing goes out.
+            flow.response = answers.error_response(
+                400, "bad_request", "the request names no host egress-auth can check"
+            )
             return
         raw_path, query = split_target(flow.request.path)
         path = normalize_path(raw_path)
