@@ -19,7 +19,9 @@ import yaml
 from pydantic import ValidationError
 
 from .model.config import ConfigFile
-from .policy.validate import validate_config
+from .model.policy import Template
+from .model.sources import CredentialSource
+from .policy.validate import validate_config, validate_policy, validate_source
 
 Loc = tuple[str | int, ...]
 
@@ -55,20 +57,24 @@ class ConfigReport:
     def place(self, loc: Loc) -> str:
         # The deepest part of the path that exists in the file: an unknown field's own key,
         # or the object a cross-field check complains about.
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in self.positions:
-                line, col = self.positions[loc[:n]]
-                return f"{self.path}:{line}:{col}"
-        return self.path
+        line, col = self._line_col(loc)
+        return f"{self.path}:{line}:{col}" if line else self.path
 
     def format(self, p: Problem) -> str:
         where = format_loc(p.loc)
         prefix = f"{self.place(p.loc)}: {p.severity}"
         return f"{prefix}: {where}: {p.message}" if where else f"{prefix}: {p.message}"
 
+    def _line_col(self, loc: Loc) -> tuple[int, int]:
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in self.positions:
+                return self.positions[loc[:n]]
+        return (0, 0)
+
     def lines(self, *, strict: bool = False) -> list[str]:
+        """Every problem, in the order of the file."""
         out = []
-        for p in self.problems:
+        for p in sorted(self.problems, key=lambda p: self._line_col(p.loc)):
             if strict and p.severity == "warning":
                 p = Problem(p.loc, p.message, "error")
             out.append(self.format(p))
@@ -192,6 +198,33 @@ def _is_field_name(part: str) -> bool:
     return "_" not in part and not part.startswith("function-")
 
 
+def _partial_checks(data: dict[str, Any]) -> list[Problem]:
+    """When the file's shape is wrong somewhere, still run the cross-object checks on every
+    source and template that is well-formed on its own, so one `check` reports everything."""
+    found: list[Problem] = []
+    sources: dict[str, CredentialSource] = {}
+    broken: set[str] = set()
+    raw_sources = data.get("sources")
+    for i, raw in enumerate(raw_sources if isinstance(raw_sources, list) else []):
+        try:
+            source = CredentialSource.model_validate(raw)
+        except ValidationError:
+            if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+                broken.add(raw["name"])
+            continue
+        sources[source.name] = source
+        found.extend(Problem(("sources", i, *loc), msg) for loc, msg in validate_source(source))
+    raw_templates = data.get("templates")
+    for i, raw in enumerate(raw_templates if isinstance(raw_templates, list) else []):
+        try:
+            template = Template.model_validate(raw)
+        except ValidationError:
+            continue
+        for loc, msg, sev in validate_policy(template.spec.network, sources, frozenset(broken)):
+            found.append(Problem(("templates", i, "spec", "network", *loc), msg, sev))
+    return found
+
+
 def load_config_text(text: str, path: str = "<config>", base: Path | None = None) -> LoadedConfig:
     report = ConfigReport(path)
     base = base or Path.cwd()
@@ -216,6 +249,7 @@ def load_config_text(text: str, path: str = "<config>", base: Path | None = None
         config = ConfigFile.model_validate(data)
     except ValidationError as e:
         report.problems.extend(_pydantic_problems(e, data))
+        report.problems.extend(_partial_checks(data))
         raise ConfigError(report) from None
     if report.errors:
         raise ConfigError(report)

@@ -66,8 +66,12 @@ def validate_binding(
 
 
 def validate_policy(
-    policy: SandboxNetworkPolicy, sources: Mapping[str, CredentialSource]
+    policy: SandboxNetworkPolicy,
+    sources: Mapping[str, CredentialSource],
+    broken_sources: frozenset[str] = frozenset(),
 ) -> Iterator[Found]:
+    """Cross-object problems of one policy. `broken_sources` are declared but invalid (their
+    own errors are reported elsewhere): bindings to them are not checked again."""
     egress = policy.egress
     for i in _duplicates([r.name for r in egress.traffic_rules]):
         yield (("egress", "trafficRules", i, "name"), "duplicate traffic rule name", "error")
@@ -78,6 +82,8 @@ def validate_policy(
 
     bindings = {b.ref: b for b in policy.credential_bindings}
     for i, b in enumerate(policy.credential_bindings):
+        if b.source_ref in broken_sources:
+            continue
         source = sources.get(b.source_ref)
         if source is None:
             yield (
