@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import ipaddress
 import os
 import signal
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import certifi
 
+from .admin.api import create_app
+from .admin.auth import TOKEN_ENV as ADMIN_TOKEN_ENV
+from .admin.auth import AdminTokenError, load_admin_token
+from .admin.server import bind, make_server
+from .admin.service import SourceService
+from .metrics import METRICS
 from .model.config import ConfigFile, split_host_port
 from .proxy.addon import EgressAuth
+from .secrets.crypto import MasterKeyError, load_master_key
+from .secrets.store import Store, StoreError
 
 # Bodies larger than this are streamed through instead of buffered: injection happens in
 # `requestheaders`, before the body, so streamed uploads get their credential too.
@@ -30,9 +41,42 @@ class RunSettings:
     config: ConfigFile
     config_path: Path | None
     listen: tuple[str, int]
+    admin_listen: tuple[str, int]
     certs_dir: Path
     data_dir: Path
     upstream_ca: Path | None
+
+
+@dataclass
+class Resources:
+    """What start-up acquired before the loop runs; each step fails with a one-line reason."""
+
+    store: Store
+    admin_socket: socket.socket
+    admin_token: str
+    lock: IO[bytes]
+
+
+def lock_data_dir(data_dir: Path) -> IO[bytes]:
+    """One process owns a data dir: a second proxy, or a rekey, would race its writes."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    f = (data_dir / "lock").open("ab")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise StartupError(
+            f"another egress-auth process is using the data dir {data_dir}"
+        ) from None
+    return f
+
+
+def open_store(data_dir: Path) -> Store:
+    try:
+        key = load_master_key(data_dir, store_exists=Store.exists(data_dir))
+        return Store.open(data_dir, key)
+    except (MasterKeyError, StoreError) as e:
+        raise StartupError(str(e)) from None
 
 
 def ensure_ca(certs_dir: Path) -> Path:
@@ -80,7 +124,7 @@ def check_port_free(host: str, port: int, what: str) -> None:
             ) from None
 
 
-async def _run(settings: RunSettings, announce: list[str]) -> None:
+async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> None:
     from mitmproxy import options
     from mitmproxy.tools.dump import DumpMaster
 
@@ -98,12 +142,31 @@ async def _run(settings: RunSettings, announce: list[str]) -> None:
         opts.update(ssl_verify_upstream_trusted_ca=trust)  # type: ignore[no-untyped-call]
     addon = EgressAuth(config=settings.config, config_path=settings.config_path)
     master.addons.add(addon)  # type: ignore[no-untyped-call]
+    service = SourceService(res.store, addon.state)
+    service.load()
+    service.schedule_expiry()
+    METRICS.gauges["egress_auth_policy_snapshot_generation"] = lambda: float(
+        addon.state.snapshot.generation
+    )
+    ca_path = settings.certs_dir / "mitmproxy-ca-cert.pem"
+    admin = make_server(create_app(service, res.admin_token, ca_path.read_bytes))
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        admin.should_exit = True
+        master.shutdown()  # type: ignore[no-untyped-call]
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, master.shutdown)
+        loop.add_signal_handler(sig, stop)
+    admin_task = asyncio.create_task(admin.serve(sockets=[res.admin_socket]))
     for line in announce:
         print(line, flush=True)
-    await master.run()
+    try:
+        await master.run()
+    finally:
+        admin.should_exit = True
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(admin_task, 5)
 
 
 def check_sandbox_auth(config: ConfigFile, host: str) -> None:
@@ -129,14 +192,41 @@ def run(settings: RunSettings) -> None:
     host, port = settings.listen
     check_sandbox_auth(settings.config, host)
     check_port_free(host, port, "proxy")
+    a_host, a_port = settings.admin_listen
+    try:
+        admin_socket = bind(a_host, a_port)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(f"admin address {a_host}:{a_port} is already in use") from None
+        raise StartupError(
+            f"cannot listen on admin address {a_host}:{a_port}: {e.strerror}"
+        ) from None
+    lock = lock_data_dir(settings.data_dir)
+    store = open_store(settings.data_dir)
+    try:
+        token = load_admin_token(settings.data_dir)
+    except AdminTokenError as e:
+        raise StartupError(str(e)) from None
     ca = ensure_ca(settings.certs_dir)
-    shown_host = f"[{host}]" if ":" in host else host
     announce = [
-        f"egress-auth proxy: http://{shown_host}:{port}",
-        "egress-auth admin: not served yet (the admin API is planned)",
+        f"egress-auth proxy: http://{_show(host)}:{port}",
+        f"egress-auth admin: http://{_show(a_host)}:{a_port}",
         f"egress-auth CA: {ca.resolve()}",
     ]
-    asyncio.run(_run(settings, announce))
+    if not os.environ.get(ADMIN_TOKEN_ENV):
+        announce.append(
+            f"egress-auth admin token: in {(settings.data_dir / 'admin-token').resolve()}"
+        )
+    resources = Resources(store, admin_socket, token, lock)
+    try:
+        asyncio.run(_run(settings, resources, announce))
+    finally:
+        store.close()
+        lock.close()
+
+
+def _show(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def listen_of(value: str) -> tuple[str, int]:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from .metrics import METRICS
+
 logger = logging.getLogger("egress_auth.audit")
 
 
@@ -64,3 +66,10 @@ class AuditEvent:
             **self.extra,
         }
         logger.info(json.dumps({k: v for k, v in line.items() if v is not None}))
+        METRICS.inc("egress_auth_requests_total", decision=self.decision)
+        if self.decision == "injected" and self.credential_rule:
+            METRICS.inc("egress_auth_injections_total", rule=self.credential_rule)
+        if self.reason == "upstream_tls":
+            METRICS.inc("egress_auth_upstream_tls_errors_total")
+        elif self.decision in ("failed-closed", "failed-open") and self.reason:
+            METRICS.inc("egress_auth_resolution_failures_total", reason=self.reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -37,11 +38,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             listen = listen_of(args.listen or config.proxy.listen)
         except ValueError as e:
             return _fail(f"{'--listen' if args.listen else 'proxy.listen'}: {e}")
+        try:
+            admin_listen = listen_of(args.admin_listen or config.admin.listen)
+        except ValueError as e:
+            return _fail(f"{'--admin-listen' if args.admin_listen else 'admin.listen'}: {e}")
         upstream_ca = args.upstream_ca or config.proxy.upstream_ca_file
         settings = RunSettings(
             config=config,
             config_path=path,
             listen=listen,
+            admin_listen=admin_listen,
             certs_dir=Path(args.certs_dir),
             data_dir=Path(args.data_dir),
             upstream_ca=Path(upstream_ca) if upstream_ca else None,
@@ -73,6 +79,42 @@ def cmd_check(args: argparse.Namespace) -> int:
     n_t = len(loaded.config.templates)
     n_s = len(loaded.config.sources)
     print(f"{args.config}: ok ({n_s} sources, {n_t} templates, {len(report.warnings)} warnings)")
+    return 0
+
+
+def cmd_rekey(args: argparse.Namespace) -> int:
+    from .app import StartupError, lock_data_dir, open_store
+    from .secrets.crypto import KEY_ENV, MasterKeyError, parse_key, write_key_file
+
+    data_dir = Path(args.data_dir)
+    try:
+        new_text = Path(args.new_key_file).read_text()
+    except OSError as e:
+        return _fail(f"--new-key-file: cannot read {args.new_key_file}: {e.strerror}")
+    try:
+        new_key = parse_key(new_text)
+    except MasterKeyError:
+        return _fail("--new-key-file: must hold the base64 of 32 bytes")
+    try:
+        lock = lock_data_dir(data_dir)
+    except StartupError as e:
+        return _fail(f"{e}; stop it before rekeying")
+    try:
+        store = open_store(data_dir)
+        try:
+            count = store.rekey(new_key)
+        finally:
+            store.close()
+        # The store now opens only with the new key: put it where the old one came from.
+        if os.environ.get(KEY_ENV):
+            print(f"rekeyed {count} sources; set {KEY_ENV} to the new key before the next start")
+        else:
+            write_key_file(data_dir / "master.key", new_key)
+            print(f"rekeyed {count} sources; {data_dir / 'master.key'} now holds the new key")
+    except StartupError as e:
+        return _fail(str(e))
+    finally:
+        lock.close()
     return 0
 
 
@@ -137,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", required=True)
     check.add_argument("--strict", action="store_true", help="treat warnings as errors")
     check.set_defaults(func=cmd_check)
+
+    rekey = sub.add_parser("rekey", help="re-encrypt the store under a new master key")
+    rekey.add_argument("--new-key-file", required=True, help="file holding base64 of 32 bytes")
+    rekey.add_argument("--data-dir", default=DEFAULT_DATA)
+    rekey.set_defaults(func=cmd_rekey)
 
     ca = sub.add_parser("ca", help="print the CA certificate's path (creating it if missing)")
     ca.add_argument("--certs-dir", default=DEFAULT_CERTS)

@@ -30,13 +30,26 @@ EXPIRED_TOKEN = "expired_Tk_7Hh5Jj3Kk1"
 SECRETS = [BEARER, API_KEY, BASIC_PASS, EXPIRED_TOKEN]
 
 NAMES = [
-    "api.example.test", "other.example.test", "basic.example.test", "a.wild.example.test",
-    "x.y.wild.example.test", "wild.example.test", "closed.example.test", "open.example.test",
-    "expired.example.test", "ws.example.test", "blocked.example.test", "disabled.example.test",
+    "api.example.test",
+    "other.example.test",
+    "basic.example.test",
+    "a.wild.example.test",
+    "x.y.wild.example.test",
+    "wild.example.test",
+    "closed.example.test",
+    "open.example.test",
+    "expired.example.test",
+    "ws.example.test",
+    "blocked.example.test",
+    "disabled.example.test",
     "allowed.example.test",
 ]
-MTLS_NAMES = ["mtls.example.test", "nocert.example.test", "wrongcert.example.test",
-              "mtlsclosed.example.test"]
+MTLS_NAMES = [
+    "mtls.example.test",
+    "nocert.example.test",
+    "wrongcert.example.test",
+    "mtlsclosed.example.test",
+]
 
 
 @dataclass
@@ -56,9 +69,20 @@ class Env:
 
     def curl(self, *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["curl", "-sS", "--max-time", str(timeout), "--proxy", self.proxy.url,
-             "--cacert", str(self.proxy.ca_path), *args],
-            capture_output=True, text=True, timeout=timeout + 5,
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                str(timeout),
+                "--proxy",
+                self.proxy.url,
+                "--cacert",
+                str(self.proxy.ca_path),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 5,
         )
 
     def seen_since(self, server: EchoServer | H2EchoServer, n: int) -> list[Any]:
@@ -66,17 +90,29 @@ class Env:
 
 
 def _headers_binding(ref: str, source: str, header: str, template: str) -> dict[str, Any]:
-    return {"ref": ref, "sourceRef": source, "projection": {
-        "type": "http_headers",
-        "httpHeaders": {"headers": [{"name": header, "valueTemplate": template}]}}}
+    return {
+        "ref": ref,
+        "sourceRef": source,
+        "projection": {
+            "type": "http_headers",
+            "httpHeaders": {"headers": [{"name": header, "valueTemplate": template}]},
+        },
+    }
 
 
 def _rule(name: str, ref: str, domains: list[str], **kw: Any) -> dict[str, Any]:
     return {"name": name, "credentialRef": ref, "domains": domains, **kw}
 
 
-def build_config(pki: TestPKI, echo: EchoServer, plain: EchoServer, h2: H2EchoServer,
-                 mtls: dict[str, EchoServer], client: Issued, wrong: Issued) -> dict[str, Any]:
+def build_config(
+    pki: TestPKI,
+    echo: EchoServer,
+    plain: EchoServer,
+    h2: H2EchoServer,
+    mtls: dict[str, EchoServer],
+    client: Issued,
+    wrong: Issued,
+) -> dict[str, Any]:
     connect_to = {f"{n}:443": f"127.0.0.1:{echo.port}" for n in NAMES}
     connect_to.update({f"{n}:80": f"127.0.0.1:{plain.port}" for n in NAMES})
     connect_to["h2.example.test:443"] = f"127.0.0.1:{h2.port}"
@@ -87,20 +123,43 @@ def build_config(pki: TestPKI, echo: EchoServer, plain: EchoServer, h2: H2EchoSe
     past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
 
     def tls_source(name: str, issued: Issued) -> dict[str, Any]:
-        return {"name": name, "resolverKind": "static_tls_client_certificate", "spec": {
-            "staticTLSClientCertificate": {"certificatePem": issued.chain_pem.decode(),
-                                           "privateKeyPem": issued.key_pem.decode()}}}
+        return {
+            "name": name,
+            "resolverKind": "static_tls_client_certificate",
+            "spec": {
+                "staticTLSClientCertificate": {
+                    "certificatePem": issued.chain_pem.decode(),
+                    "privateKeyPem": issued.key_pem.decode(),
+                }
+            },
+        }
 
     rules = [
-        _rule("api-v1", "bearer", ["api.example.test"],
-              httpMatch={"methods": ["GET", "POST", "PUT", "TRACE"], "pathPrefixes": ["/v1/"]}),
-        _rule("api-search", "bearer", ["api.example.test"],
-              httpMatch={"paths": ["/search"], "query": [{"name": "scope", "values": ["repo"]}]}),
-        _rule("api-hdr", "bearer", ["api.example.test"],
-              httpMatch={"paths": ["/hdr"], "headers": [{"name": "X-Want-Auth",
-                                                         "values": ["yes"]}]}),
-        _rule("api-plain", "bearer", ["api.example.test"], protocol="http",
-              httpMatch={"pathPrefixes": ["/plain-ok/"]}),
+        _rule(
+            "api-v1",
+            "bearer",
+            ["api.example.test"],
+            httpMatch={"methods": ["GET", "POST", "PUT", "TRACE"], "pathPrefixes": ["/v1/"]},
+        ),
+        _rule(
+            "api-search",
+            "bearer",
+            ["api.example.test"],
+            httpMatch={"paths": ["/search"], "query": [{"name": "scope", "values": ["repo"]}]},
+        ),
+        _rule(
+            "api-hdr",
+            "bearer",
+            ["api.example.test"],
+            httpMatch={"paths": ["/hdr"], "headers": [{"name": "X-Want-Auth", "values": ["yes"]}]},
+        ),
+        _rule(
+            "api-plain",
+            "bearer",
+            ["api.example.test"],
+            protocol="http",
+            httpMatch={"pathPrefixes": ["/plain-ok/"]},
+        ),
         _rule("basic", "basic", ["basic.example.test"]),
         _rule("wild", "wild-key", ["*.wild.example.test"]),
         _rule("ws", "bearer", ["ws.example.test"]),
@@ -111,8 +170,9 @@ def build_config(pki: TestPKI, echo: EchoServer, plain: EchoServer, h2: H2EchoSe
         _rule("disabled", "bearer", ["disabled.example.test"], rollout="disabled"),
         _rule("mtls", "cert", ["mtls13.example.test", "mtls12.example.test"]),
         _rule("wrongcert", "wrong-cert", ["wrongcert13.example.test", "wrongcert12.example.test"]),
-        _rule("mtlsclosed", "missing-cert",
-              ["mtlsclosed13.example.test", "mtlsclosed12.example.test"]),
+        _rule(
+            "mtlsclosed", "missing-cert", ["mtlsclosed13.example.test", "mtlsclosed12.example.test"]
+        ),
     ]
     bindings = [
         _headers_binding("bearer", "bearer-src", "Authorization", "Bearer {{ .token }}"),
@@ -120,39 +180,72 @@ def build_config(pki: TestPKI, echo: EchoServer, plain: EchoServer, h2: H2EchoSe
         _headers_binding("missing-src", "not-created-yet", "Authorization", "Bearer {{ .token }}"),
         _headers_binding("expired", "expired-src", "Authorization", "Bearer {{ .token }}"),
         {"ref": "basic", "sourceRef": "basic-src", "projection": {"type": "username_password"}},
-        {"ref": "cert", "sourceRef": "cert-src",
-         "projection": {"type": "tls_client_certificate"}},
-        {"ref": "wrong-cert", "sourceRef": "wrong-cert-src",
-         "projection": {"type": "tls_client_certificate"}},
-        {"ref": "missing-cert", "sourceRef": "cert-not-created",
-         "projection": {"type": "tls_client_certificate"}},
+        {"ref": "cert", "sourceRef": "cert-src", "projection": {"type": "tls_client_certificate"}},
+        {
+            "ref": "wrong-cert",
+            "sourceRef": "wrong-cert-src",
+            "projection": {"type": "tls_client_certificate"},
+        },
+        {
+            "ref": "missing-cert",
+            "sourceRef": "cert-not-created",
+            "projection": {"type": "tls_client_certificate"},
+        },
     ]
     return {
-        "proxy": {"upstreamCaFile": str(pki.root_pem_path), "connectTo": connect_to,
-                  "intercept": "all"},
+        "proxy": {
+            "upstreamCaFile": str(pki.root_pem_path),
+            "connectTo": connect_to,
+            "intercept": "all",
+        },
         "sources": [
-            {"name": "bearer-src", "resolverKind": "static_headers",
-             "spec": {"staticHeaders": {"values": {"token": "${env:TEST_BEARER}"}}}},
-            {"name": "wild-src", "resolverKind": "static_headers",
-             "spec": {"staticHeaders": {"values": {"token": "${file:wild-token.txt}"}}}},
-            {"name": "expired-src", "resolverKind": "static_headers", "expiresAt": past,
-             "spec": {"staticHeaders": {"values": {"token": EXPIRED_TOKEN}}}},
-            {"name": "basic-src", "resolverKind": "static_username_password",
-             "spec": {"staticUsernamePassword": {"username": BASIC_USER,
-                                                 "password": BASIC_PASS}}},
+            {
+                "name": "bearer-src",
+                "resolverKind": "static_headers",
+                "spec": {"staticHeaders": {"values": {"token": "${env:TEST_BEARER}"}}},
+            },
+            {
+                "name": "wild-src",
+                "resolverKind": "static_headers",
+                "spec": {"staticHeaders": {"values": {"token": "${file:wild-token.txt}"}}},
+            },
+            {
+                "name": "expired-src",
+                "resolverKind": "static_headers",
+                "expiresAt": past,
+                "spec": {"staticHeaders": {"values": {"token": EXPIRED_TOKEN}}},
+            },
+            {
+                "name": "basic-src",
+                "resolverKind": "static_username_password",
+                "spec": {
+                    "staticUsernamePassword": {"username": BASIC_USER, "password": BASIC_PASS}
+                },
+            },
             tls_source("cert-src", client),
             tls_source("wrong-cert-src", wrong),
         ],
-        "templates": [{"name": "default", "spec": {"network": {
-            "mode": "allow-all",
-            "egress": {
-                "trafficRules": [
-                    {"name": "no-blocked", "action": "deny", "domains": ["blocked.example.test"]},
-                ],
-                "credentialRules": rules,
-            },
-            "credentialBindings": bindings,
-        }}}],
+        "templates": [
+            {
+                "name": "default",
+                "spec": {
+                    "network": {
+                        "mode": "allow-all",
+                        "egress": {
+                            "trafficRules": [
+                                {
+                                    "name": "no-blocked",
+                                    "action": "deny",
+                                    "domains": ["blocked.example.test"],
+                                },
+                            ],
+                            "credentialRules": rules,
+                        },
+                        "credentialBindings": bindings,
+                    }
+                },
+            }
+        ],
     }
 
 
@@ -166,12 +259,18 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         EchoServer(pki, names=[*NAMES, "h2.example.test"]) as echo,
         EchoServer(pki, tls=False) as plain,
         H2EchoServer(pki, names=["h2.example.test"]) as h2,
-        EchoServer(pki, names=[n.replace(".example.test", "13.example.test")
-                               for n in MTLS_NAMES],
-                   client_cert="required", tls_max="1.3") as m13,
-        EchoServer(pki, names=[n.replace(".example.test", "12.example.test")
-                               for n in MTLS_NAMES],
-                   client_cert="required", tls_max="1.2") as m12,
+        EchoServer(
+            pki,
+            names=[n.replace(".example.test", "13.example.test") for n in MTLS_NAMES],
+            client_cert="required",
+            tls_max="1.3",
+        ) as m13,
+        EchoServer(
+            pki,
+            names=[n.replace(".example.test", "12.example.test") for n in MTLS_NAMES],
+            client_cert="required",
+            tls_max="1.2",
+        ) as m12,
     ):
         mtls = {"1.3": m13, "1.2": m12}
         config = build_config(pki, echo, plain, h2, mtls, client_cert, wrong)
@@ -180,15 +279,28 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         (workdir / "wild-token.txt").write_text(API_KEY + "\n")
         proxy = ProxyProcess(workdir, config, env={"TEST_BEARER": BEARER})
         with proxy:
-            yield Env(pki, proxy, echo, plain, h2, mtls, client_cert,
-                      [client_cert.key_pem.decode(), wrong.key_pem.decode()])
+            yield Env(
+                pki,
+                proxy,
+                echo,
+                plain,
+                h2,
+                mtls,
+                client_cert,
+                [client_cert.key_pem.decode(), wrong.key_pem.decode()],
+            )
 
 
 @pytest.fixture
 def mark(env: Env) -> dict[str, int]:
     """How many requests each upstream had seen when the test started."""
-    return {"echo": len(env.echo.seen), "plain": len(env.plain.seen), "h2": len(env.h2.seen),
-            "m13": len(env.mtls["1.3"].seen), "m12": len(env.mtls["1.2"].seen)}
+    return {
+        "echo": len(env.echo.seen),
+        "plain": len(env.plain.seen),
+        "h2": len(env.h2.seen),
+        "m13": len(env.mtls["1.3"].seen),
+        "m12": len(env.mtls["1.2"].seen),
+    }
 
 
 def last_error_body(path: Path) -> str:

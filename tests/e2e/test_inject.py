@@ -111,11 +111,17 @@ def test_client_authorization_is_replaced(env: Env, mark: dict[str, int]) -> Non
 
 def test_proxy_authorization_never_forwarded(env: Env, mark: dict[str, int]) -> None:
     # curl sends Proxy-Authorization on the CONNECT; a client may also put one inside.
-    r = env.curl("--proxy-user", "someone:proxy-pass-123", "-H",
-                 "Proxy-Authorization: Basic aW5uZXI6c2VjcmV0", "https://api.example.test/v1/x")
+    r = env.curl(
+        "--proxy-user",
+        "someone:proxy-pass-123",
+        "-H",
+        "Proxy-Authorization: Basic aW5uZXI6c2VjcmV0",
+        "https://api.example.test/v1/x",
+    )
     assert r.returncode == 0, r.stderr
-    r2 = env.curl("--proxy-user", "someone:proxy-pass-123",
-                  "http://other.example.test/plain")  # plain http: sent with the request
+    r2 = env.curl(
+        "--proxy-user", "someone:proxy-pass-123", "http://other.example.test/plain"
+    )  # plain http: sent with the request
     assert r2.returncode == 0, r2.stderr
     tls_seen = env.seen_since(env.echo, mark["echo"])
     plain_seen = env.seen_since(env.plain, mark["plain"])
@@ -232,7 +238,11 @@ def test_fail_closed_answers_503_with_names(env: Env, mark: dict[str, int]) -> N
     body = r.json()
     assert body["error"] == "credential_unavailable"
     assert (body["rule"], body["binding"], body["source"], body["reason"]) == (
-        "closed", "missing-src", "not-created-yet", "missing")
+        "closed",
+        "missing-src",
+        "not-created-yet",
+        "missing",
+    )
     assert env.seen_since(env.echo, mark["echo"]) == []
 
 
@@ -253,8 +263,16 @@ def test_fail_open_passes_without_auth(env: Env, mark: dict[str, int]) -> None:
 
 
 def test_denied_host_gets_403_on_connect(env: Env, mark: dict[str, int]) -> None:
-    r = env.curl("-i", "--proxy-header", "X-Probe: 1", "-o", "/dev/null", "-w",
-                 "%{http_connect}", "https://blocked.example.test/")
+    r = env.curl(
+        "-i",
+        "--proxy-header",
+        "X-Probe: 1",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_connect}",
+        "https://blocked.example.test/",
+    )
     assert r.stdout.strip().endswith("403"), (r.stdout, r.stderr)
     sock = socket.create_connection(("127.0.0.1", env.proxy.port), timeout=10)
     sock.sendall(b"CONNECT blocked.example.test:443 HTTP/1.1\r\n\r\n")
@@ -269,8 +287,11 @@ def test_denied_host_gets_403_on_connect(env: Env, mark: dict[str, int]) -> None
     assert b"x-egress-auth-error: egress_denied" in head.lower()
     parsed = json.loads(body)
     assert parsed["error"] == "egress_denied"
-    assert (parsed["host"], parsed["port"], parsed["rule"]) == ("blocked.example.test", 443,
-                                                                 "no-blocked")
+    assert (parsed["host"], parsed["port"], parsed["rule"]) == (
+        "blocked.example.test",
+        443,
+        "no-blocked",
+    )
     assert env.seen_since(env.echo, mark["echo"]) == []
 
 
@@ -281,6 +302,9 @@ def test_audit_lines_name_rule_binding_source(env: Env, mark: dict[str, int]) ->
     assert line["decision"] == "injected"
     assert line["sandbox"] == "default"
     assert (line["credentialRule"], line["binding"], line["source"]) == (
-        "api-v1", "bearer", "bearer-src@1")
+        "api-v1",
+        "bearer",
+        "bearer-src@1",
+    )
     assert line["status"] == 200
     assert {"time", "method", "host", "port", "durationMs"} <= set(line)

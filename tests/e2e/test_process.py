@@ -26,29 +26,67 @@ TOKEN_V1 = "reload_tok_v1_Aa11"
 TOKEN_V2 = "reload_tok_v2_Bb22"
 
 
-def _cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-         timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "egress_auth.cli", *args], capture_output=True, text=True,
-        timeout=timeout, cwd=cwd, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "egress_auth.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
 
 
 def _config(pki: TestPKI, echo: EchoServer, token: str, domain: str) -> dict[str, Any]:
     return {
-        "proxy": {"upstreamCaFile": str(pki.root_pem_path), "intercept": "all",
-                  "connectTo": {f"{d}:443": f"127.0.0.1:{echo.port}"
-                                for d in ("one.example.test", "two.example.test")}},
-        "sources": [{"name": "tok", "resolverKind": "static_headers",
-                     "spec": {"staticHeaders": {"values": {"token": token}}}}],
-        "templates": [{"name": "default", "spec": {"network": {
-            "egress": {"credentialRules": [
-                {"name": "r", "credentialRef": "b", "domains": [domain]}]},
-            "credentialBindings": [{"ref": "b", "sourceRef": "tok", "projection": {
-                "type": "http_headers",
-                "httpHeaders": {"headers": [{"name": "Authorization",
-                                             "valueTemplate": "Bearer {{ .token }}"}]}}}],
-        }}}],
+        "proxy": {
+            "upstreamCaFile": str(pki.root_pem_path),
+            "intercept": "all",
+            "connectTo": {
+                f"{d}:443": f"127.0.0.1:{echo.port}"
+                for d in ("one.example.test", "two.example.test")
+            },
+        },
+        "sources": [
+            {
+                "name": "tok",
+                "resolverKind": "static_headers",
+                "spec": {"staticHeaders": {"values": {"token": token}}},
+            }
+        ],
+        "templates": [
+            {
+                "name": "default",
+                "spec": {
+                    "network": {
+                        "egress": {
+                            "credentialRules": [
+                                {"name": "r", "credentialRef": "b", "domains": [domain]}
+                            ]
+                        },
+                        "credentialBindings": [
+                            {
+                                "ref": "b",
+                                "sourceRef": "tok",
+                                "projection": {
+                                    "type": "http_headers",
+                                    "httpHeaders": {
+                                        "headers": [
+                                            {
+                                                "name": "Authorization",
+                                                "valueTemplate": "Bearer {{ .token }}",
+                                            }
+                                        ]
+                                    },
+                                },
+                            }
+                        ],
+                    }
+                },
+            }
+        ],
     }
 
 
@@ -125,18 +163,34 @@ def test_mitmdump_script_entry(tmp_path: Path, pki: TestPKI, echo: EchoServer) -
     bundle = tmp_path / "trust.pem"
     bundle.write_bytes(pki.root_pem)
     proc = subprocess.Popen(
-        [mitmdump, "-q", "-s", str(repo / "addons" / "egress_auth.py"),
-         "--set", f"egress_auth_config={cfg}", "--set", f"confdir={tmp_path / 'certs'}",
-         "--set", f"ssl_verify_upstream_trusted_ca={bundle}",
-         "--listen-host", "127.0.0.1", "--listen-port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            mitmdump,
+            "-q",
+            "-s",
+            str(repo / "addons" / "egress_auth.py"),
+            "--set",
+            f"egress_auth_config={cfg}",
+            "--set",
+            f"confdir={tmp_path / 'certs'}",
+            "--set",
+            f"ssl_verify_upstream_trusted_ca={bundle}",
+            "--listen-host",
+            "127.0.0.1",
+            "--listen-port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         try:
             wait_port("127.0.0.1", port, timeout=20)
             n = len(echo.seen)
-            r = _get(f"http://127.0.0.1:{port}", tmp_path / "certs" / "mitmproxy-ca-cert.pem",
-                     "https://one.example.test/")
+            r = _get(
+                f"http://127.0.0.1:{port}",
+                tmp_path / "certs" / "mitmproxy-ca-cert.pem",
+                "https://one.example.test/",
+            )
         except Exception:
             proc.terminate()
             print(proc.communicate(timeout=10)[0].decode())
@@ -152,8 +206,15 @@ def test_mitmdump_script_entry(tmp_path: Path, pki: TestPKI, echo: EchoServer) -
 def test_run_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("proxy:\n  listen: nowhere\n")
-    r = _cli("run", "--config", str(bad), "--certs-dir", str(tmp_path / "c"),
-             "--data-dir", str(tmp_path / "d"))
+    r = _cli(
+        "run",
+        "--config",
+        str(bad),
+        "--certs-dir",
+        str(tmp_path / "c"),
+        "--data-dir",
+        str(tmp_path / "d"),
+    )
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -165,8 +226,16 @@ def test_run_refuses_a_taken_port_with_one_line(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = _cli("run", "--listen", f"127.0.0.1:{port}", "--certs-dir", str(tmp_path / "c"),
-                 "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+        r = _cli(
+            "run",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--certs-dir",
+            str(tmp_path / "c"),
+            "--data-dir",
+            str(tmp_path / "d"),
+            cwd=tmp_path,
+        )
     assert r.returncode == 1
     assert r.stderr.strip() == f"egress-auth: proxy address 127.0.0.1:{port} is already in use"
 
@@ -175,7 +244,10 @@ def test_run_on_embedded_defaults_prints_urls(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "egress_auth.cli", "run", "--listen", f"127.0.0.1:{port}"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={k: v for k, v in os.environ.items() if k != "EGRESS_AUTH_CONFIG"},
     )
     try:
@@ -193,14 +265,30 @@ def test_ca_and_env_commands(tmp_path: Path) -> None:
     assert r.returncode == 0
     ca = Path(r.stdout.strip())
     assert ca.name == "mitmproxy-ca-cert.pem" and ca.exists()
-    r = _cli("env", "--certs-dir", str(tmp_path / "certs"), "--proxy", "http://127.0.0.1:9999",
-             "--sandbox", "ci-runner", "--token", "t0k")
+    r = _cli(
+        "env",
+        "--certs-dir",
+        str(tmp_path / "certs"),
+        "--proxy",
+        "http://127.0.0.1:9999",
+        "--sandbox",
+        "ci-runner",
+        "--token",
+        "t0k",
+    )
     assert r.returncode == 0
     exports = dict(line.removeprefix("export ").split("=", 1) for line in r.stdout.splitlines())
     assert exports["HTTPS_PROXY"] == "http://ci-runner:t0k@127.0.0.1:9999"
     assert exports["HTTP_PROXY"] == exports["HTTPS_PROXY"]
-    for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS",
-                "GIT_SSL_CAINFO", "PIP_CERT", "AWS_CA_BUNDLE"):
+    for var in (
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "GIT_SSL_CAINFO",
+        "PIP_CERT",
+        "AWS_CA_BUNDLE",
+    ):
         assert exports[var] == str(ca)
     assert "NO_PROXY" in exports
 
@@ -222,8 +310,12 @@ def test_block_all_reaches_only_what_traffic_rules_allow(
     network = config["templates"][0]["spec"]["network"]
     network["mode"] = "block-all"
     network["egress"]["trafficRules"] = [
-        {"name": "loopback-one", "action": "allow", "cidrs": ["127.0.0.1/32"],
-         "ports": [{"port": 443}]},
+        {
+            "name": "loopback-one",
+            "action": "allow",
+            "cidrs": ["127.0.0.1/32"],
+            "ports": [{"port": 443}],
+        },
     ]
     proxy = ProxyProcess(tmp_path, config)
     with proxy:
@@ -239,8 +331,16 @@ def test_block_all_reaches_only_what_traffic_rules_allow(
 
 
 def test_run_refuses_non_loopback_listen_without_sandbox_auth(tmp_path: Path) -> None:
-    r = _cli("run", "--listen", "0.0.0.0:18999", "--certs-dir", str(tmp_path / "c"),
-             "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+    r = _cli(
+        "run",
+        "--listen",
+        "0.0.0.0:18999",
+        "--certs-dir",
+        str(tmp_path / "c"),
+        "--data-dir",
+        str(tmp_path / "d"),
+        cwd=tmp_path,
+    )
     assert r.returncode == 1
     assert len(r.stderr.strip().splitlines()) == 1
     assert "sandboxAuth" in r.stderr

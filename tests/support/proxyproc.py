@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from .upstreams import wait_port
@@ -36,23 +37,42 @@ class ProxyProcess:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.admin_port = free_port()
         config = json.loads(json.dumps(config))
         config.setdefault("proxy", {})["listen"] = f"127.0.0.1:{self.port}"
+        config.setdefault("admin", {})["listen"] = f"127.0.0.1:{self.admin_port}"
         self.config_path = workdir / "egress-auth.yaml"
         self.write_config(config)
         self.certs_dir = certs_dir or workdir / "certs"
         self.data_dir = workdir / "data"
         self.stdout_path = workdir / "stdout.log"
         self.stderr_path = workdir / "stderr.log"
-        self.env = {**os.environ, **(env or {})}
+        self.admin_token = "test-admin-token-" + os.urandom(8).hex()
+        self.env = {**os.environ, "EGRESS_AUTH_ADMIN_TOKEN": self.admin_token, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write_config(self, config: dict[str, Any]) -> None:
+        config = json.loads(json.dumps(config))
+        if hasattr(self, "admin_port"):
+            config.setdefault("proxy", {})["listen"] = f"127.0.0.1:{self.port}"
+            config.setdefault("admin", {})["listen"] = f"127.0.0.1:{self.admin_port}"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def admin(self, token: str | None = None) -> httpx.Client:
+        """An admin API client carrying the bearer token."""
+        return httpx.Client(
+            base_url=self.admin_url,
+            timeout=10,
+            headers={"Authorization": f"Bearer {token or self.admin_token}"},
+        )
 
     @property
     def ca_path(self) -> Path:
@@ -75,8 +95,9 @@ class ProxyProcess:
     def start(self, timeout: float = 20.0) -> ProxyProcess:
         self.proc = subprocess.Popen(
             self.command(),
-            stdout=self.stdout_path.open("wb"),
-            stderr=self.stderr_path.open("wb"),
+            # Appended, so a restarted process adds to the same logs the leak checks read.
+            stdout=self.stdout_path.open("ab"),
+            stderr=self.stderr_path.open("ab"),
             env=self.env,
             cwd=self.workdir,
         )
@@ -86,6 +107,7 @@ class ProxyProcess:
                 raise RuntimeError(f"proxy exited early ({self.proc.returncode}):\n{self.output()}")
             try:
                 wait_port("127.0.0.1", self.port, timeout=0.2)
+                wait_port("127.0.0.1", self.admin_port, timeout=0.2)
                 return self
             except (OSError, TimeoutError):
                 continue
@@ -99,6 +121,12 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
 
     def reload(self) -> None:
         assert self.proc is not None

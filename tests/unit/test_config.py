@@ -711,16 +711,28 @@ def test_shape_and_cross_object_errors_are_reported_in_one_run() -> None:
     lines = exc.value.report.lines()
     expected = [
         (":3:3: error: proxy.bogusField", "unknown field"),
-        (":18:25: error: templates[0].spec.network.egress.credentialRules[0].domains[0]",
-         "wildcard"),
-        (":26:71: error: templates[0].spec.network.credentialBindings[0].projection.httpHeaders"
-         ".headers[0].name", "'Host'"),
-        (":32:72: error: templates[1].spec.network.egress.credentialRules[0].httpMatch",
-         "tls_client_certificate"),
-        (":35:25: warning: templates[1].spec.network.credentialBindings[0].sourceRef",
-         "'somecert' is not declared"),
-        (":36:111: error: templates[1].spec.network.credentialBindings[1].projection.httpHeaders"
-         ".headers[0].valueTemplate", "'missing'"),
+        (
+            ":18:25: error: templates[0].spec.network.egress.credentialRules[0].domains[0]",
+            "wildcard",
+        ),
+        (
+            ":26:71: error: templates[0].spec.network.credentialBindings[0].projection.httpHeaders"
+            ".headers[0].name",
+            "'Host'",
+        ),
+        (
+            ":32:72: error: templates[1].spec.network.egress.credentialRules[0].httpMatch",
+            "tls_client_certificate",
+        ),
+        (
+            ":35:25: warning: templates[1].spec.network.credentialBindings[0].sourceRef",
+            "'somecert' is not declared",
+        ),
+        (
+            ":36:111: error: templates[1].spec.network.credentialBindings[1].projection.httpHeaders"
+            ".headers[0].valueTemplate",
+            "'missing'",
+        ),
     ]
     assert len(lines) == len(expected), lines
     for line, (place, reason) in zip(lines, expected, strict=True):

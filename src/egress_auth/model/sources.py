@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from .base import Name, WireModel
 
@@ -88,26 +88,34 @@ class SourceSpec(WireModel):
         ]
 
 
-class CredentialSource(WireModel):
-    """A source as written (config file or API): name, kind and secret spec."""
+class SourceBody(WireModel):
+    """What a source write carries besides its name."""
 
-    name: Name
     resolver_kind: ResolverKind
     spec: SourceSpec
     expires_at: datetime | None = None
 
-    @model_validator(mode="after")
-    def _spec_matches_kind(self) -> CredentialSource:
-        want = SPEC_MEMBER[self.resolver_kind]
-        have = self.spec.members()
+    @field_validator("spec")
+    @classmethod
+    def _spec_matches_kind(cls, spec: SourceSpec, info: ValidationInfo) -> SourceSpec:
+        kind = info.data.get("resolver_kind")
+        if kind is None:  # the kind itself is invalid and reported on its own
+            return spec
+        want = SPEC_MEMBER[kind]
+        have = spec.members()
         if have != [want]:
             raise ValueError(
-                f"spec must have exactly one member, {want!r}, for resolverKind "
-                f"{self.resolver_kind!r} (found: {', '.join(have) or 'none'})"
+                f"must have exactly one member, {want!r}, for resolverKind {kind!r} "
+                f"(found: {', '.join(have) or 'none'})"
             )
-        if self.expires_at is not None and self.expires_at.tzinfo is None:
-            raise ValueError("expiresAt must be an RFC 3339 time with a timezone offset")
-        return self
+        return spec
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expiry_has_zone(cls, v: datetime | None) -> datetime | None:
+        if v is not None and v.tzinfo is None:
+            raise ValueError("must be an RFC 3339 time with a timezone offset")
+        return v
 
     def keys(self) -> frozenset[str]:
         """The keys a valueTemplate may refer to."""
@@ -116,3 +124,37 @@ class CredentialSource(WireModel):
         if self.spec.static_username_password is not None:
             return frozenset({"username", "password"})
         return frozenset()
+
+
+class CredentialSource(SourceBody):
+    """A source as written (config file or API create): name, kind and secret spec."""
+
+    name: Name
+
+
+class SourceReplace(SourceBody):
+    """The body of a PUT: the name comes from the path (and must match it when given)."""
+
+    name: Name | None = None
+
+
+class CertificateInfo(WireModel):
+    subject: str
+    issuer: str
+    not_after: datetime
+    sha256_fingerprint: str
+
+
+class SourceMetadata(WireModel):
+    """What reads return: never the spec."""
+
+    name: str
+    resolver_kind: ResolverKind
+    current_version: int
+    status: Literal["ready", "expired"]
+    created_at: datetime
+    updated_at: datetime
+    expires_at: datetime | None = None
+    certificate: CertificateInfo | None = None
+    # Where the source is declared: `config` sources are read-only through the API.
+    origin: Literal["config", "api"] = "api"

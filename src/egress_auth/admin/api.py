@@ -1,0 +1,209 @@
+"""The admin API (SPEC section 6): FastAPI app factory, envelopes, auth, size limit.
+
+Handlers are one call into `SourceService`; response models are the public metadata
+shapes, so a secret cannot be echoed by construction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Generic, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..metrics import METRICS
+from ..model.sources import CredentialSource, SourceMetadata, SourceReplace
+from .auth import token_matches
+from .service import ApiError, SourceService
+
+MAX_BODY = 1024 * 1024
+
+T = TypeVar("T")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class Ok(BaseModel, Generic[T]):
+    success: Literal[True] = True
+    data: T
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class Failure(BaseModel):
+    success: Literal[False] = False
+    error: ErrorBody
+
+
+def failure(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    body = Failure(error=ErrorBody(code=code, message=message, details=details))
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+class BodyLimit:
+    """Refuse request bodies over MAX_BODY with 413, declared or streamed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            await failure(413, "too_large", f"request body over {MAX_BODY} bytes")(
+                scope, receive, send
+            )
+            return
+        # Read the whole body first (it is small, or refused): an error raised while the
+        # route reads it would be turned into a 400 by FastAPI.
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = bool(message.get("more_body"))
+            if size > MAX_BODY:
+                await failure(413, "too_large", f"request body over {MAX_BODY} bytes")(
+                    scope, receive, send
+                )
+                return
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
+    # Only where and why: pydantic's `input` and `ctx` could hold the secret that was sent.
+    out = []
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        msg = msg.removeprefix("Value error, ")
+        out.append({"field": ".".join(loc), "message": msg})
+    return out
+
+
+def create_app(
+    service: SourceService,
+    admin_token: str,
+    ca_pem: Callable[[], bytes],
+) -> FastAPI:
+    app = FastAPI(
+        title="egress-auth admin API",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    async def require_admin(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token_matches(token.strip(), admin_token):
+            raise ApiError(401, "unauthorized", "a valid admin bearer token is required")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return failure(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = _validation_details(exc)
+        first = details[0] if details else {"field": "", "message": "invalid request"}
+        where = f"{first['field']}: " if first["field"] else ""
+        return failure(400, "invalid", f"{where}{first['message']}", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        return failure(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        return failure(500, "internal_error", "internal error")
+
+    @app.get("/healthz", response_model=Ok[dict[str, str]])
+    async def healthz() -> Ok[dict[str, str]]:
+        return Ok(data={"status": "ok"})
+
+    @app.get("/api/v1/ca.pem", response_class=PlainTextResponse)
+    async def ca() -> Response:
+        return Response(ca_pem(), media_type="application/x-pem-file")
+
+    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_admin)])
+
+    @api.get("/credential-sources", response_model=Ok[list[SourceMetadata]])
+    async def list_sources() -> Ok[list[SourceMetadata]]:
+        return Ok(data=service.list_all())
+
+    @api.post(
+        "/credential-sources",
+        status_code=201,
+        response_model=Ok[SourceMetadata],
+        responses={400: {"model": Failure}, 409: {"model": Failure}},
+    )
+    async def create_source(body: CredentialSource) -> Ok[SourceMetadata]:
+        return Ok(data=await service.create(body))
+
+    @api.get(
+        "/credential-sources/{name}",
+        response_model=Ok[SourceMetadata],
+        responses={404: {"model": Failure}},
+    )
+    async def get_source(name: str) -> Ok[SourceMetadata]:
+        return Ok(data=service.get(name))
+
+    @api.put(
+        "/credential-sources/{name}",
+        response_model=Ok[SourceMetadata],
+        responses={400: {"model": Failure}, 404: {"model": Failure}, 409: {"model": Failure}},
+    )
+    async def replace_source(name: str, body: SourceReplace) -> Ok[SourceMetadata]:
+        return Ok(data=await service.replace(name, body))
+
+    @api.delete(
+        "/credential-sources/{name}",
+        response_model=Ok[dict[str, str]],
+        responses={404: {"model": Failure}, 409: {"model": Failure}},
+    )
+    async def delete_source(name: str) -> Ok[dict[str, str]]:
+        await service.delete(name)
+        return Ok(data={"name": name, "deleted": "true"})
+
+    app.include_router(api)
+
+    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_admin)])
+    async def metrics() -> Response:
+        return PlainTextResponse(METRICS.render(), media_type="text/plain; version=0.0.4")
+
+    app.add_middleware(BodyLimit)
+    return app
