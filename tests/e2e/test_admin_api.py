@@ -471,14 +471,19 @@ def test_basic_and_mtls_sources_through_the_api(ctx: Ctx) -> None:
         n = len(ctx.mtls.seen)
         assert c.get("https://mtls.example.test/").status_code == 200
         assert ctx.mtls.seen.snapshot()[n].client_cert_subject_cn == "api-created-client"
-        # Rotate the certificate: the next connection presents the new one.
+        # Rotate the certificate on a kept-alive connection: the response in flight is the
+        # last on it (Connection: close), and the next request presents the new one.
         cert2 = ctx.pki.client("rotated-client")
         envelope_ok(
-            a.put("/api/v1/credential-sources/api-cert", json=tls_source("api-cert", cert2)), 200
+            a.put("/api/v1/credential-sources/api-cert", json=tls_source("api-cert", cert2)),
+            200,
         )
-    with ctx.client() as c:
+        r = c.get("https://mtls.example.test/")
+        assert r.status_code == 200
+        assert r.headers.get("connection") == "close"
         assert c.get("https://mtls.example.test/").status_code == 200
-    assert ctx.mtls.seen.snapshot()[-1].client_cert_subject_cn == "rotated-client"
+    names = [s.client_cert_subject_cn for s in ctx.mtls.seen.snapshot()[n:]]
+    assert names == ["api-created-client", "api-created-client", "rotated-client"]
     with ctx.proxy.admin() as a:
         envelope_ok(
             a.post(

@@ -446,6 +446,28 @@ class EgressAuth:
             holder.plain_dials[(flow.request.host, port)] = req.dial
         return req
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        st = self.conns.get(flow.client_conn.id)
+        if st is None or st.tls is None or flow.response is None:
+            return
+        if self._certificate_is_stale(st) and flow.request.http_version.startswith("HTTP/1"):
+            # The client certificate on this connection was rotated or removed: let this
+            # response finish, then close, so the next request dials with the new version.
+            # (HTTP/2 has no per-response close; its connection keeps the old certificate
+            # until the client opens a new one.)
+            flow.response.headers["Connection"] = "close"
+
+    def _certificate_is_stale(self, st: ConnState) -> bool:
+        assert st.tls is not None
+        now = select_tls(self.snapshot, st.sandbox, st.host, st.port, self.clock())
+        if now is None:
+            return True
+        return (now.resolution.source, now.resolution.version, now.material) != (
+            st.tls.resolution.source,
+            st.tls.resolution.version,
+            st.tls.material,
+        )
+
     def response(self, flow: http.HTTPFlow) -> None:
         ev = flow.metadata.pop("egress_auth", None)
         if isinstance(ev, audit.AuditEvent) and flow.response is not None:
