@@ -37,16 +37,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
 @pytest.fixture(scope="module")
 def upstreams(pki: TestPKI) -> Iterator[tuple[EchoServer, EchoServer]]:
     with (
-        EchoServer(pki, names=["api.example.test", "declared.example.test",
-                               "basic.example.test"]) as echo,
-        EchoServer(pki, names=["mtls.example.test"], client_cert="required",
-                   tls_max="1.3") as mtls,
+        EchoServer(
+            pki, names=["api.example.test", "declared.example.test", "basic.example.test"]
+        ) as echo,
+        EchoServer(pki, names=["mtls.example.test"], client_cert="required", tls_max="1.3") as mtls,
     ):
         yield echo, mtls
 
 
-def _proxy(tmp: Path, pki: TestPKI, ups: tuple[EchoServer, EchoServer],
-           env: dict[str, str] | None = None) -> ProxyProcess:
+def _proxy(
+    tmp: Path, pki: TestPKI, ups: tuple[EchoServer, EchoServer], env: dict[str, str] | None = None
+) -> ProxyProcess:
     return ProxyProcess(tmp, admin_config(pki, *ups), env=env)
 
 
@@ -66,14 +67,29 @@ def test_sources_survive_restart_and_nothing_plain_is_on_disk(
     secrets = ["restart_tok_Aa99", "restart_pw_Bb88"]
     proxy = _proxy(tmp_path, pki, upstreams)
     with proxy, proxy.admin() as a:
-        envelope_ok(a.post("/api/v1/credential-sources",
-                           json=headers_source("api-token", "first_version_tok")), 201)
-        envelope_ok(a.put("/api/v1/credential-sources/api-token",
-                          json=headers_source("api-token", secrets[0])), 200)
-        envelope_ok(a.post("/api/v1/credential-sources", json={
-            "name": "api-basic", "resolverKind": "static_username_password",
-            "spec": {"staticUsernamePassword": {"username": "bot", "password": secrets[1]}}}),
-            201)
+        envelope_ok(
+            a.post(
+                "/api/v1/credential-sources", json=headers_source("api-token", "first_version_tok")
+            ),
+            201,
+        )
+        envelope_ok(
+            a.put(
+                "/api/v1/credential-sources/api-token", json=headers_source("api-token", secrets[0])
+            ),
+            200,
+        )
+        envelope_ok(
+            a.post(
+                "/api/v1/credential-sources",
+                json={
+                    "name": "api-basic",
+                    "resolverKind": "static_username_password",
+                    "spec": {"staticUsernamePassword": {"username": "bot", "password": secrets[1]}},
+                },
+            ),
+            201,
+        )
         envelope_ok(a.post("/api/v1/credential-sources", json=tls_source("api-cert", cert)), 201)
         before = envelope_ok(a.get("/api/v1/credential-sources"), 200)
     with proxy, proxy.admin() as a, _client(proxy) as c:
@@ -99,13 +115,16 @@ def test_fifty_parallel_puts_lose_nothing(
 ) -> None:
     proxy = _proxy(tmp_path, pki, upstreams)
     with proxy, proxy.admin() as a:
-        envelope_ok(a.post("/api/v1/credential-sources", json=headers_source("api-token", "t0")),
-                    201)
+        envelope_ok(
+            a.post("/api/v1/credential-sources", json=headers_source("api-token", "t0")), 201
+        )
 
         def put(i: int) -> int:
             with proxy.admin() as mine:
-                r = mine.put("/api/v1/credential-sources/api-token",
-                             json=headers_source("api-token", f"t{i}"))
+                r = mine.put(
+                    "/api/v1/credential-sources/api-token",
+                    json=headers_source("api-token", f"t{i}"),
+                )
                 return int(envelope_ok(r, 200)["currentVersion"])
 
         with ThreadPoolExecutor(max_workers=50) as pool:
@@ -129,8 +148,10 @@ def test_kill_9_during_writes_keeps_every_acknowledged_write(
                 r = a.post("/api/v1/credential-sources", json=headers_source(name, "v"))
                 acked[name] = envelope_ok(r, 201)["currentVersion"]
                 while not stop.is_set():
-                    r = a.put(f"/api/v1/credential-sources/{name}",
-                              json=headers_source(name, f"v{acked[name] + 1}"))
+                    r = a.put(
+                        f"/api/v1/credential-sources/{name}",
+                        json=headers_source(name, f"v{acked[name] + 1}"),
+                    )
                     if r.status_code != 200:
                         return
                     acked[name] = r.json()["data"]["currentVersion"]
@@ -164,8 +185,9 @@ def test_rotation_under_load_never_sends_the_old_value_after_the_put(
     echo = upstreams[0]
     proxy = _proxy(tmp_path, pki, upstreams)
     with proxy, proxy.admin() as a:
-        envelope_ok(a.post("/api/v1/credential-sources",
-                           json=headers_source("api-token", ROT_OLD)), 201)
+        envelope_ok(
+            a.post("/api/v1/credential-sources", json=headers_source("api-token", ROT_OLD)), 201
+        )
         stop = threading.Event()
         # (sent_at, path): each request carries a unique path so the upstream record maps
         # back to when the client sent it.
@@ -185,8 +207,12 @@ def test_rotation_under_load_never_sends_the_old_value_after_the_put(
         for w in workers:
             w.start()
         time.sleep(0.5)
-        envelope_ok(a.put("/api/v1/credential-sources/api-token",
-                          json=headers_source("api-token", ROT_NEW)), 200)
+        envelope_ok(
+            a.put(
+                "/api/v1/credential-sources/api-token", json=headers_source("api-token", ROT_NEW)
+            ),
+            200,
+        )
         put_returned = time.monotonic()
         time.sleep(0.5)
         stop.set()
@@ -196,8 +222,11 @@ def test_rotation_under_load_never_sends_the_old_value_after_the_put(
     values = [s.header("Authorization") for s in seen]
     assert set(values) <= {f"Bearer {ROT_OLD}", f"Bearer {ROT_NEW}"}
     assert f"Bearer {ROT_OLD}" in values and f"Bearer {ROT_NEW}" in values
-    late_old = [s.path for s in seen
-                if sent[s.path] > put_returned and s.header("Authorization") == f"Bearer {ROT_OLD}"]
+    late_old = [
+        s.path
+        for s in seen
+        if sent[s.path] > put_returned and s.header("Authorization") == f"Bearer {ROT_OLD}"
+    ]
     assert late_old == []
     assert len(seen) >= 50
 
@@ -207,15 +236,22 @@ def test_wrong_or_missing_master_key_stops_start_up_in_one_line(
 ) -> None:
     proxy = _proxy(tmp_path, pki, upstreams)
     with proxy, proxy.admin() as a:
-        envelope_ok(a.post("/api/v1/credential-sources", json=headers_source("api-token", "k")),
-                    201)
+        envelope_ok(
+            a.post("/api/v1/credential-sources", json=headers_source("api-token", "k")), 201
+        )
     key_file = proxy.data_dir / "master.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
     assert (proxy.data_dir / "admin-token").exists() is False  # token came from the env
 
     def start_fails(env: dict[str, str]) -> str:
-        r = subprocess.run(proxy.command(), capture_output=True, text=True, timeout=30,
-                           cwd=tmp_path, env={**proxy.env, **env})
+        r = subprocess.run(
+            proxy.command(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=tmp_path,
+            env={**proxy.env, **env},
+        )
         assert r.returncode == 1
         # The config's warnings may come first; the reason is one line, the last.
         lines = [ln for ln in r.stderr.strip().splitlines() if ": warning: " not in ln]
@@ -235,10 +271,16 @@ def test_rekey_reencrypts_everything(
 ) -> None:
     proxy = _proxy(tmp_path, pki, upstreams)
     with proxy, proxy.admin() as a:
-        envelope_ok(a.post("/api/v1/credential-sources",
-                           json=headers_source("api-token", "rekey_tok_Zz11")), 201)
-        envelope_ok(a.post("/api/v1/credential-sources",
-                           json=tls_source("api-cert", pki.client("rekey"))), 201)
+        envelope_ok(
+            a.post(
+                "/api/v1/credential-sources", json=headers_source("api-token", "rekey_tok_Zz11")
+            ),
+            201,
+        )
+        envelope_ok(
+            a.post("/api/v1/credential-sources", json=tls_source("api-cert", pki.client("rekey"))),
+            201,
+        )
         # While the proxy runs, rekey refuses: it holds the data dir.
         new_key_file = tmp_path / "new.key"
         new_key = base64.b64encode(os.urandom(32)).decode()
@@ -256,16 +298,33 @@ def test_rekey_reencrypts_everything(
         n = len(echo.seen)
         assert c.get("https://api.example.test/").status_code == 200
         assert echo.seen.snapshot()[n].header("Authorization") == "Bearer rekey_tok_Zz11"
-    r = subprocess.run(proxy.command(), capture_output=True, text=True, timeout=30,
-                       cwd=tmp_path, env={**proxy.env, "EGRESS_AUTH_MASTER_KEY": old_key})
+    r = subprocess.run(
+        proxy.command(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**proxy.env, "EGRESS_AUTH_MASTER_KEY": old_key},
+    )
     assert r.returncode == 1 and "does not open the store" in r.stderr
 
 
 def _rekey(proxy: ProxyProcess, key_file: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "egress_auth.cli", "rekey", "--new-key-file", str(key_file),
-         "--data-dir", str(proxy.data_dir)],
-        capture_output=True, text=True, timeout=30, env=proxy.env,
+        [
+            sys.executable,
+            "-m",
+            "egress_auth.cli",
+            "rekey",
+            "--new-key-file",
+            str(key_file),
+            "--data-dir",
+            str(proxy.data_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=proxy.env,
     )
 
 
@@ -278,22 +337,32 @@ def test_no_secret_in_answers_logs_or_metrics_for_every_kind(
     proxy = _proxy(tmp_path, pki, upstreams)
     bodies: list[dict[str, Any]] = [
         headers_source("api-token", header_secret),
-        {"name": "api-basic", "resolverKind": "static_username_password",
-         "spec": {"staticUsernamePassword": {"username": "bot", "password": password}}},
+        {
+            "name": "api-basic",
+            "resolverKind": "static_username_password",
+            "spec": {"staticUsernamePassword": {"username": "bot", "password": password}},
+        },
         tls_source("api-cert", cert),
     ]
     with proxy, proxy.admin() as a, _client(proxy) as c:
         for body in bodies:
-            for r in (a.post("/api/v1/credential-sources", json=body),
-                      a.post("/api/v1/credential-sources", json=body),  # 409
-                      a.put(f"/api/v1/credential-sources/{body['name']}",
-                            json={**body, "resolverKind": "static_headers"}),  # 400
-                      a.put(f"/api/v1/credential-sources/{body['name']}", json=body),
-                      a.get(f"/api/v1/credential-sources/{body['name']}"),
-                      a.get("/api/v1/credential-sources")):
+            for r in (
+                a.post("/api/v1/credential-sources", json=body),
+                a.post("/api/v1/credential-sources", json=body),  # 409
+                a.put(
+                    f"/api/v1/credential-sources/{body['name']}",
+                    json={**body, "resolverKind": "static_headers"},
+                ),  # 400
+                a.put(f"/api/v1/credential-sources/{body['name']}", json=body),
+                a.get(f"/api/v1/credential-sources/{body['name']}"),
+                a.get("/api/v1/credential-sources"),
+            ):
                 answers.append(r.text + str(r.headers))
-        for url in ("https://api.example.test/", "https://basic.example.test/",
-                    "https://mtls.example.test/"):
+        for url in (
+            "https://api.example.test/",
+            "https://basic.example.test/",
+            "https://mtls.example.test/",
+        ):
             assert c.get(url).status_code == 200
         answers.append(a.get("/metrics").text)
         answers.append(a.get("/openapi.json").text)

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Generic, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -125,12 +126,6 @@ def create_app(
         redoc_url=None,
     )
 
-    async def require_admin(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token_matches(token.strip(), admin_token):
-            raise ApiError(401, "unauthorized", "a valid admin bearer token is required")
-
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return failure(exc.status, exc.code, exc.message, exc.details)
@@ -159,7 +154,7 @@ def create_app(
     async def ca() -> Response:
         return Response(ca_pem(), media_type="application/x-pem-file")
 
-    api = APIRouter(prefix="/api/v1", dependencies=[Depends(require_admin)])
+    api = APIRouter(prefix="/api/v1")
 
     @api.get("/credential-sources", response_model=Ok[list[SourceMetadata]])
     async def list_sources() -> Ok[list[SourceMetadata]]:
@@ -201,9 +196,69 @@ def create_app(
 
     app.include_router(api)
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(require_admin)])
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return PlainTextResponse(METRICS.render(), media_type="text/plain; version=0.0.4")
 
+    # Added last, so it runs first: a request without the token is refused before its body
+    # is even read (a malformed body must not answer 400 to a stranger).
     app.add_middleware(BodyLimit)
+    app.add_middleware(AdminAuth, token=admin_token)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The schema as the server behaves: validation failures are 400 in our envelope (FastAPI
+    would document 422), and the admin token is a bearer scheme."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            if responses.pop("422", None) is not None:
+                responses["400"] = {
+                    "description": "Invalid request",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Failure"}}
+                    },
+                }
+            if path not in PUBLIC_PATHS:
+                op["security"] = [{"bearer": []}]
+                responses["401"] = {"description": "Missing or wrong admin token"}
+    schemas = components.get("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    if "Failure" not in schemas:
+        schemas.update(
+            Failure.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {})
+        )
+        schemas["Failure"] = Failure.model_json_schema(ref_template="#/components/schemas/{model}")
+    app.openapi_schema = schema
+    return schema
+
+
+PUBLIC_PATHS = frozenset({"/healthz", "/api/v1/ca.pem", "/openapi.json"})
+
+
+class AdminAuth:
+    """Every path but the public ones needs `Authorization: Bearer <admin token>`."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("path") not in PUBLIC_PATHS:
+            headers = dict(scope.get("headers") or [])
+            value = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = value.partition(" ")
+            if scheme.lower() != "bearer" or not token_matches(given.strip(), self.token):
+                response = failure(401, "unauthorized", "a valid admin bearer token is required")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..metrics import METRICS
+from ..model.base import NAME_RE
 from ..model.sources import (
     CertificateInfo,
     CredentialSource,
@@ -270,6 +271,8 @@ class SourceService:
                 "name in the body does not match the path",
                 [{"field": "name", "message": "must match the path"}],
             )
+        if not NAME_RE.match(name) or len(name) > 63:
+            raise self._not_found(name)  # no source can have this name
         self._refuse_declared(name)
         source = CredentialSource(
             name=name,
