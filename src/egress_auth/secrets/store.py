@@ -14,11 +14,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
 from .crypto import STORE_FILE, Box, MasterKeyError, SealError
+from .policy_rows import PolicyRows
+from .timestamps import parse_ts, ts
 
 _CHECK_PLAINTEXT = b"egress-auth-check"
 _CHECK_AAD = b"meta:check"
@@ -38,6 +40,26 @@ MIGRATIONS: list[tuple[str, ...]] = [
             expires_at TEXT NULL,
             certificate TEXT NULL,  -- public facts as JSON
             sealed BLOB NULL        -- NULL once purged
+        )
+        """,
+    ),
+    (
+        """
+        CREATE TABLE templates (
+            name TEXT PRIMARY KEY,
+            body TEXT NOT NULL,     -- the template as JSON; policy, not secret
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE sandboxes (
+            id TEXT PRIMARY KEY,
+            template TEXT NOT NULL,
+            network TEXT NULL,      -- the sandbox's own overrides as JSON
+            token_hash BLOB NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
         )
         """,
     ),
@@ -84,17 +106,6 @@ def _aad(name: str, version: int) -> bytes:
     return f"source:{name}:{version}".encode()
 
 
-def _ts(value: datetime) -> str:
-    if value.tzinfo is None:
-        raise ValueError("store timestamps must be timezone-aware")
-    # Fixed shape (UTC, microseconds) so values round-trip exactly and compare as text in SQL.
-    return value.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _parse_ts(text: str) -> datetime:
-    return datetime.fromisoformat(text)
-
-
 _COLUMNS = (
     "name, resolver_kind, version, created_at, updated_at, expires_at, certificate,"
     " sealed IS NOT NULL"
@@ -109,15 +120,15 @@ def _row(r: tuple[object, ...]) -> SourceRow:
         name=name,
         resolver_kind=kind,
         version=version,
-        created_at=_parse_ts(created),
-        updated_at=_parse_ts(updated),
-        expires_at=_parse_ts(expires) if isinstance(expires, str) else None,
+        created_at=parse_ts(created),
+        updated_at=parse_ts(updated),
+        expires_at=parse_ts(expires) if isinstance(expires, str) else None,
         certificate=json.loads(cert) if isinstance(cert, str) else None,
         has_material=bool(has),
     )
 
 
-class Store:
+class Store(PolicyRows):
     def __init__(self, path: Path, conn: sqlite3.Connection, box: Box) -> None:
         self.path = path
         self._conn = conn
@@ -293,9 +304,9 @@ class Store:
                 (
                     name,
                     resolver_kind,
-                    _ts(now),
-                    _ts(now),
-                    _ts(expires_at) if expires_at else None,
+                    ts(now),
+                    ts(now),
+                    ts(expires_at) if expires_at else None,
                     _cert(certificate),
                     self._box.seal(spec_json, _aad(name, 1)),
                 ),
@@ -329,8 +340,8 @@ class Store:
                 " certificate = ?, sealed = ? WHERE name = ?",
                 (
                     version,
-                    _ts(now),
-                    _ts(expires_at) if expires_at else None,
+                    ts(now),
+                    ts(expires_at) if expires_at else None,
                     _cert(certificate),
                     self._box.seal(spec_json, _aad(name, version)),
                     name,
@@ -351,7 +362,7 @@ class Store:
                 for r in conn.execute(
                     "SELECT name FROM sources WHERE expires_at IS NOT NULL AND expires_at <= ?"
                     " AND sealed IS NOT NULL ORDER BY name",
-                    (_ts(now),),
+                    (ts(now),),
                 )
             ]
             conn.executemany(
