@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import ipaddress
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ from .admin.server import bind, make_server
 from .admin.service import SourceService
 from .metrics import METRICS
 from .model.config import ConfigFile, split_host_port
-from .proxy.addon import EgressAuth
+from .proxy.addon import EgressAuth, is_loopback
 from .secrets.crypto import MasterKeyError, load_master_key
 from .secrets.store import Store, StoreError
 
@@ -140,7 +139,9 @@ async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> No
     trust = upstream_trust_bundle(settings.data_dir, settings.upstream_ca)
     if trust:
         opts.update(ssl_verify_upstream_trusted_ca=trust)  # type: ignore[no-untyped-call]
-    addon = EgressAuth(config=settings.config, config_path=settings.config_path)
+    addon = EgressAuth(
+        config=settings.config, config_path=settings.config_path, loopback=is_loopback(host)
+    )
     master.addons.add(addon)  # type: ignore[no-untyped-call]
     service = SourceService(res.store, addon.state)
     service.load()
@@ -169,28 +170,8 @@ async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> No
             await asyncio.wait_for(admin_task, 5)
 
 
-def check_sandbox_auth(config: ConfigFile, host: str) -> None:
-    """Refuse to serve other machines' clients until they can be told apart.
-
-    The spec's default is `sandboxAuth: required` on a non-loopback address, and per-sandbox
-    identity is not built yet: starting anyway would hand the credentials to anyone who can
-    reach the port. Saying `sandboxAuth: optional` accepts that on purpose.
-    """
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and config.proxy.sandbox_auth != "optional":
-        raise StartupError(
-            f"listening on {host} (not loopback) needs sandboxAuth: required, and per-sandbox "
-            "identity is not implemented yet; set proxy.sandboxAuth: optional to accept every "
-            "client as the sandbox 'default'"
-        )
-
-
 def run(settings: RunSettings) -> None:
     host, port = settings.listen
-    check_sandbox_auth(settings.config, host)
     check_port_free(host, port, "proxy")
     a_host, a_port = settings.admin_listen
     try:

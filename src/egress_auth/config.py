@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from .model.config import ConfigFile
 from .model.policy import Template
 from .model.sources import CredentialSource
-from .policy.validate import validate_config, validate_policy, validate_source
+from .policy.validate import format_path, validate_config, validate_policy, validate_source
 
 Loc = tuple[str | int, ...]
 
@@ -91,14 +91,9 @@ class ConfigError(Exception):
 
 
 def format_loc(loc: Iterable[str | int]) -> str:
-    out = ""
-    for part in loc:
-        if part == _DUP:
-            # The marker locates the second copy of a duplicated key; it is not part of the
-            # field path the user wrote, so it must not show in the message.
-            continue
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+    # The marker locates the second copy of a duplicated key; it is not part of the field
+    # path the user wrote, so it must not show in the message.
+    return format_path(tuple(part for part in loc if part != _DUP))
 
 
 @dataclass

@@ -27,7 +27,8 @@ API_KEY = "wildkey_Xq9Zr7Vt5Ws3"
 BASIC_USER = "svc-deployer"
 BASIC_PASS = "pw_Hunter2_Qm8Nb6Vc4"
 EXPIRED_TOKEN = "expired_Tk_7Hh5Jj3Kk1"
-SECRETS = [BEARER, API_KEY, BASIC_PASS, EXPIRED_TOKEN]
+SANDBOX_TOKEN = "sbx_Tok_4Rr2Ee0Ww8"
+SECRETS = [BEARER, API_KEY, BASIC_PASS, EXPIRED_TOKEN, SANDBOX_TOKEN]
 
 NAMES = [
     "api.example.test",
@@ -225,6 +226,9 @@ def build_config(
             tls_source("cert-src", client),
             tls_source("wrong-cert-src", wrong),
         ],
+        "sandboxes": [
+            {"id": "ci-runner", "template": "default", "token": "${env:TEST_SANDBOX_TOKEN}"},
+        ],
         "templates": [
             {
                 "name": "default",
@@ -277,7 +281,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         workdir = base / "proxy"
         workdir.mkdir()
         (workdir / "wild-token.txt").write_text(API_KEY + "\n")
-        proxy = ProxyProcess(workdir, config, env={"TEST_BEARER": BEARER})
+        proxy = ProxyProcess(workdir, config, env={"TEST_BEARER": BEARER, "TEST_SANDBOX_TOKEN": SANDBOX_TOKEN})
         with proxy:
             yield Env(
                 pki,

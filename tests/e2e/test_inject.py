@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .conftest import API_KEY, BASIC_PASS, BASIC_USER, BEARER, Env
+from .conftest import API_KEY, BASIC_PASS, BASIC_USER, BEARER, SANDBOX_TOKEN, Env
 
 pytestmark = pytest.mark.e2e
 
@@ -113,14 +113,14 @@ def test_proxy_authorization_never_forwarded(env: Env, mark: dict[str, int]) -> 
     # curl sends Proxy-Authorization on the CONNECT; a client may also put one inside.
     r = env.curl(
         "--proxy-user",
-        "someone:proxy-pass-123",
+        f"ci-runner:{SANDBOX_TOKEN}",
         "-H",
         "Proxy-Authorization: Basic aW5uZXI6c2VjcmV0",
         "https://api.example.test/v1/x",
     )
     assert r.returncode == 0, r.stderr
     r2 = env.curl(
-        "--proxy-user", "someone:proxy-pass-123", "http://other.example.test/plain"
+        "--proxy-user", f"ci-runner:{SANDBOX_TOKEN}", "http://other.example.test/plain"
     )  # plain http: sent with the request
     assert r2.returncode == 0, r2.stderr
     tls_seen = env.seen_since(env.echo, mark["echo"])

@@ -328,19 +328,3 @@ def test_block_all_reaches_only_what_traffic_rules_allow(
         assert line["decision"] == "denied"
         assert "trafficRule" not in line  # refused by mode block-all, no rule matched
     assert _auth_seen(echo, n) == [[f"Bearer {TOKEN_V1}"]]
-
-
-def test_run_refuses_non_loopback_listen_without_sandbox_auth(tmp_path: Path) -> None:
-    r = _cli(
-        "run",
-        "--listen",
-        "0.0.0.0:18999",
-        "--certs-dir",
-        str(tmp_path / "c"),
-        "--data-dir",
-        str(tmp_path / "d"),
-        cwd=tmp_path,
-    )
-    assert r.returncode == 1
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert "sandboxAuth" in r.stderr

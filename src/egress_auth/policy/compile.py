@@ -30,6 +30,12 @@ from .render import RenderError, ValueTemplate, parse_value_template
 
 _generation = itertools.count(1)
 
+
+def next_generation() -> int:
+    """Each snapshot's number, for logs and /metrics: strictly increasing per process."""
+    return next(_generation)
+
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -136,9 +142,11 @@ class SourceEntry:
 
 @dataclass(frozen=True)
 class Snapshot:
-    policies: Mapping[str, CompiledPolicy]
+    policies: Mapping[str, CompiledPolicy]  # by sandbox id (`default`: clients without one)
     sources: Mapping[str, SourceEntry]
-    generation: int = field(default_factory=lambda: next(_generation))
+    identities: Mapping[str, bytes] = field(default_factory=dict)  # sandbox id -> token hash
+    auth_required: bool = False  # proxy.sandboxAuth: required
+    generation: int = field(default_factory=next_generation)
 
 
 def _conditions(items: Sequence[ValueMatch], lower: bool) -> tuple[ValueCondition, ...]:

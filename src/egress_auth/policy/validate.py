@@ -15,6 +15,7 @@ from ..model.policy import (
 )
 from ..model.sources import CredentialSource
 from ..secrets.material import MaterialError, load_tls_material
+from .effective import effective_policy
 from .render import parse_value_template
 
 if TYPE_CHECKING:
@@ -29,6 +30,13 @@ PROJECTION_KINDS: dict[type, frozenset[str]] = {
     UsernamePasswordProjection: frozenset({"static_username_password"}),
     TlsClientCertificateProjection: frozenset({"static_tls_client_certificate"}),
 }
+
+
+def format_path(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _duplicates(names: list[str]) -> Iterator[int]:
@@ -154,17 +162,17 @@ def validate_config(config: ConfigFile) -> list[Found]:
         )
     for i in _duplicates([s.id for s in config.sandboxes]):
         found.append((("sandboxes", i, "id"), "duplicate sandbox id", "error"))
+    templates = {t.name: t for t in config.templates}
     for i, sb in enumerate(config.sandboxes):
         if sb.id == "default":
             found.append((("sandboxes", i, "id"), "'default' is reserved", "error"))
-        if sb.template not in names:
+        template = templates.get(sb.template)
+        if template is None:
             found.append((("sandboxes", i, "template"), f"no template {sb.template!r}", "error"))
-        found.append(
-            (
-                ("sandboxes", i),
-                "per-sandbox identity is not enforced yet: every client is the sandbox "
-                "'default' until it lands",
-                "warning",
-            )
-        )
+        elif sb.network is not None:
+            # Check what the sandbox will run: its template merged with its overrides.
+            merged = effective_policy(template.spec.network, sb.network)
+            for loc, msg, sev in validate_policy(merged, sources):
+                where = format_path(loc)
+                found.append((("sandboxes", i, "network"), f"effective policy {where}: {msg}", sev))
     return found

@@ -29,17 +29,12 @@ from ..config import ConfigError, load_config
 from ..model.config import ConfigFile, split_host_port
 from ..policy.compile import CompiledPolicy, Snapshot
 from ..policy.domains import normalize_host
-from ..policy.match import (
-    RequestFacts,
-    TlsSelection,
-    check_traffic,
-    decide_request,
-    parse_query,
-    select_tls,
-)
+from ..policy.match import RequestFacts, TlsSelection, check_traffic, parse_query, select_tls
 from ..policy.paths import normalize_path, split_target
-from ..state import DEFAULT_SANDBOX, LiveState
+from ..policy.verdict import verdict
+from ..state import LiveState
 from . import answers
+from .identity import Identity, Unauthenticated, identify, still_valid
 from .tls import ClientContexts, UpstreamWatch, watch_connection
 
 log = logging.getLogger("egress_auth")
@@ -56,7 +51,7 @@ VERDICT_WAIT = 1.0
 class ConnState:
     """What one client connection asked for and what the proxy decided for it."""
 
-    sandbox: str
+    identity: Identity
     host: str  # the CONNECT target, normalised
     port: int
     dial: Address | None  # pinned address (after connectTo and DNS), None if unresolved
@@ -67,6 +62,10 @@ class ConnState:
     upstream: UpstreamWatch | None = None
     tunnel: bool = False
     plain_dials: dict[Address, Address] = field(default_factory=dict)
+
+    @property
+    def sandbox(self) -> str:
+        return self.identity.sandbox
 
     @property
     def dial_ip(self) -> str | None:
@@ -120,8 +119,11 @@ class EgressAuth:
         config: ConfigFile | None = None,
         config_path: Path | None = None,
         clock: Callable[[], float] = time.time,
+        loopback: bool = True,
     ) -> None:
         self.state = LiveState()
+        # sandboxAuth's default: optional on a loopback listen address, required elsewhere.
+        self.state.listen_loopback = loopback
         self.config_path = config_path
         self.clock = clock
         self.conns: dict[str, ConnState] = {}
@@ -139,6 +141,8 @@ class EgressAuth:
         )
 
     def configure(self, updated: set[str]) -> None:
+        if "listen_host" in updated:
+            self.state.listen_loopback = is_loopback(ctx.options.listen_host)
         if "egress_auth_config" in updated and ctx.options.egress_auth_config:
             self.config_path = Path(ctx.options.egress_auth_config)
             # At start-up a bad file must stop mitmdump: raising here does that.
@@ -194,7 +198,12 @@ class EgressAuth:
         return self.connect_to.get((host, port), (host, port))
 
     def _event(
-        self, st: ConnState, flow: http.HTTPFlow, path: str, decision: str
+        self,
+        st: ConnState,
+        flow: http.HTTPFlow,
+        path: str,
+        decision: str,
+        reason: str | None = None,
     ) -> audit.AuditEvent:
         return audit.AuditEvent(
             sandbox=st.sandbox,
@@ -204,6 +213,7 @@ class EgressAuth:
             path=path,
             decision=decision,
             traffic_rule=st.traffic_rule,
+            reason=reason,
         )
 
     def _traffic_allowed(self, flow: http.HTTPFlow, st: ConnState, ev: audit.AuditEvent) -> bool:
@@ -235,22 +245,46 @@ class EgressAuth:
 
     # ---- connection-level hooks ----------------------------------------------------------
 
+    def _identify(self, flow: http.HTTPFlow) -> Identity | None:
+        """The sandbox behind this request's Proxy-Authorization; answers 407 when none is."""
+        snap = self.snapshot
+        try:
+            return identify(
+                flow.request.headers.get("Proxy-Authorization"),
+                snap.identities,
+                required=snap.auth_required,
+            )
+        except Unauthenticated as e:
+            flow.response = answers.proxy_auth_required(str(e))
+            audit.AuditEvent(
+                sandbox="",
+                method=flow.request.method,
+                host=flow.request.host,
+                port=flow.request.port,
+                path="",
+                decision="denied",
+                reason="proxy_auth",
+            ).emit(407)
+            return None
+
     @_fail_closed_flow
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        sandbox = DEFAULT_SANDBOX
+        identity = self._identify(flow)
+        if identity is None:
+            return
         try:
             host = normalize_host(flow.request.host)
         except ValueError:
             flow.response = answers.error_response(400, "bad_request", "invalid CONNECT host")
             return
         port = flow.request.port
-        st = await self._conn_state(sandbox, host, port)
+        st = await self._conn_state(identity, host, port)
         ev = self._event(st, flow, "", "denied")
         if not self._traffic_allowed(flow, st, ev):
             return
         st.tunnel = True
         self.conns[flow.client_conn.id] = st
-        st.tls = select_tls(self.snapshot, sandbox, host, port, self.clock())
+        st.tls = select_tls(self.snapshot, st.sandbox, host, port, self.clock())
         if st.tls and st.tls.material is None and not st.tls.resolution.fail_open:
             # Fail-closed client certificate: do not dial at all. Accept the tunnel ourselves
             # (a CONNECT answered by an addon skips mitmproxy's eager dial) so that each
@@ -258,10 +292,10 @@ class EgressAuth:
             flow.response = http.Response.make(200, b"", {})
             flow.response.reason = "Connection established"
 
-    async def _conn_state(self, sandbox: str, host: str, port: int) -> ConnState:
+    async def _conn_state(self, identity: Identity, host: str, port: int) -> ConnState:
         dial_host, dial_port = self._target(host, port)
         ip = await resolve(dial_host, dial_port)
-        return ConnState(sandbox, host, port, (ip, dial_port) if ip else None)
+        return ConnState(identity, host, port, (ip, dial_port) if ip else None)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         try:
@@ -370,35 +404,19 @@ class EgressAuth:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
+        st = await self._request_state(flow)
         # The proxy's own credentials never go upstream, whatever the client sent where.
         flow.request.headers.pop("Proxy-Authorization", None)
-        st = await self._request_state(flow)
         if st is None:
-            # No CONNECT we checked and no usable absolute URL: nothing to decide on, so
-            # nothing goes out.
-            flow.response = answers.error_response(
-                400, "bad_request", "the request names no host egress-auth can check"
-            )
+            return  # answered already (407, or a request that names no host)
+        snap = self.snapshot
+        if not still_valid(st.identity, snap.identities, required=snap.auth_required):
+            # Deleted or re-keyed while this connection stayed open.
+            flow.response = answers.proxy_auth_required("the sandbox was revoked")
+            self._event(st, flow, "", "denied", reason="proxy_auth").emit(407)
             return
         raw_path, query = split_target(flow.request.path)
         path = normalize_path(raw_path)
-        ev = self._event(st, flow, path, "denied")
-        if not self._traffic_allowed(flow, st, ev):
-            return
-        if st.tls is not None and st.tls.resolution.reason is not None:
-            res = st.tls.resolution
-            ev.credential_rule, ev.binding, ev.source = res.rule, res.binding, res.source_at_version
-            ev.reason = res.reason
-            if not res.fail_open:
-                ev.decision = "failed-closed"
-                self._refuse(flow, ev, answers.credential_unavailable(res))
-                return
-        await self._upstream_verdict(st)
-        if st.tls_error is not None:
-            ev.decision = "failed-closed"
-            ev.reason = "upstream_tls"
-            self._refuse(flow, ev, answers.upstream_tls_error(st.host, st.port, st.tls_error))
-            return
         facts = RequestFacts(
             scheme=flow.request.scheme,
             host=st.host,
@@ -408,39 +426,64 @@ class EgressAuth:
             query=parse_query(query),
             headers=_header_map(flow.request.headers),
         )
-        decision = decide_request(self.snapshot, st.sandbox, facts, self.clock())
-        ev.decision = decision.decision
-        if decision.resolution is not None:
-            res = decision.resolution
+        await self._upstream_verdict(st)
+        v = verdict(snap, st.sandbox, facts, st.dial_ip, self.clock(), st.tls)
+        ev = self._event(st, flow, path, v.decision, reason=v.reason)
+        ev.traffic_rule = v.traffic_rule
+        if v.resolution is not None:
+            res = v.resolution
             ev.credential_rule, ev.binding, ev.source = res.rule, res.binding, res.source_at_version
-            ev.reason = res.reason
-        if st.tls is not None and decision.decision == "passed":
-            res = st.tls.resolution
-            ev.decision = "injected" if st.tls.material else "failed-open"
-            ev.credential_rule, ev.binding, ev.source = res.rule, res.binding, res.source_at_version
-        if decision.decision == "failed-closed":
-            assert decision.resolution is not None
-            self._refuse(flow, ev, answers.credential_unavailable(decision.resolution))
+        if v.decision == "denied":
+            denial = (
+                answers.unresolvable(st.host, st.port)
+                if v.reason == "unresolvable"
+                else answers.egress_denied(st.host, st.port, v.traffic_rule, v.mode)
+            )
+            self._refuse(flow, ev, denial)
             return
-        if decision.decision == "injected":
+        connection_level = st.tls is not None and v.resolution is st.tls.resolution
+        if v.decision == "failed-closed" and connection_level:
+            assert v.resolution is not None
+            self._refuse(flow, ev, answers.credential_unavailable(v.resolution))
+            return
+        if st.tls_error is not None:
+            ev.decision, ev.reason = "failed-closed", "upstream_tls"
+            self._refuse(flow, ev, answers.upstream_tls_error(st.host, st.port, st.tls_error))
+            return
+        if v.decision == "failed-closed":
+            assert v.resolution is not None
+            self._refuse(flow, ev, answers.credential_unavailable(v.resolution))
+            return
+        if v.headers:
             # The upstream gets exactly the path the rules saw.
             flow.request.path = path + (f"?{query}" if query else "")
-            for name, value in decision.headers:
+            for name, value in v.headers:
                 flow.request.headers[name] = value.reveal()
-        if ev.decision != "passed":
+        if v.decision != "passed":
             flow.metadata["egress_auth"] = ev
 
     async def _request_state(self, flow: http.HTTPFlow) -> ConnState | None:
         st = self.conns.get(flow.client_conn.id)
-        if flow.client_conn.tls_established or (st is not None and flow.request.scheme == "https"):
+        if st is not None and st.tunnel:
             return st
-        # A plain-http request in absolute form: the URL names what the client asked for.
+        if flow.client_conn.tls_established:
+            # TLS without a CONNECT we checked: nothing to decide on, so nothing goes out.
+            flow.response = answers.error_response(
+                400, "bad_request", "the request names no host egress-auth can check"
+            )
+            return None
+        # A plain-http request in absolute form: it carries its own Proxy-Authorization,
+        # and its URL names what the client asked for.
+        identity = self._identify(flow)
+        if identity is None:
+            return None
         try:
             host = normalize_host(flow.request.host)
         except ValueError:
+            flow.response = answers.error_response(400, "bad_request", "invalid request host")
             return None
         port = flow.request.port
-        req = await self._conn_state(DEFAULT_SANDBOX, host, port)
+        req = await self._conn_state(identity, host, port)
         holder = self.conns.setdefault(flow.client_conn.id, req)
         if req.dial is not None:
             holder.plain_dials[(flow.request.host, port)] = req.dial
@@ -478,6 +521,16 @@ class EgressAuth:
         if isinstance(ev, audit.AuditEvent):
             ev.reason = ev.reason or "upstream_error"
             ev.emit(502)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("", "localhost"):
+        # mitmproxy's "" means every address: not loopback.
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_ip(host: str) -> bool:

@@ -34,6 +34,15 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> http.R
     return http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
 
 
+def proxy_auth_required(why: str) -> http.Response:
+    return error_response(
+        407,
+        "proxy_auth_required",
+        f"{why}: send Proxy-Authorization: Basic base64(sandboxId:token), e.g. "
+        "HTTPS_PROXY=http://ID:TOKEN@host:port",
+    )
+
+
 def egress_denied(host: str, port: int, rule: str | None, mode: str) -> http.Response:
     where = {"rule": rule} if rule else {"mode": mode}
     why = f"traffic rule {rule!r}" if rule else f"mode {mode!r} (no traffic rule matched)"
