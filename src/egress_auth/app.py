@@ -18,6 +18,7 @@ import certifi
 from .admin.api import create_app
 from .admin.auth import TOKEN_ENV as ADMIN_TOKEN_ENV
 from .admin.auth import AdminTokenError, load_admin_token
+from .admin.policy_service import PolicyService
 from .admin.server import bind, make_server
 from .admin.service import SourceService
 from .metrics import METRICS
@@ -150,7 +151,9 @@ async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> No
         addon.state.snapshot.generation
     )
     ca_path = settings.certs_dir / "mitmproxy-ca-cert.pem"
-    admin = make_server(create_app(service, res.admin_token, ca_path.read_bytes))
+    policy = PolicyService(res.store, addon.state, settings.listen, addon.dial_ip)
+    policy.load()
+    admin = make_server(create_app(service, res.admin_token, ca_path.read_bytes, policy))
     loop = asyncio.get_running_loop()
 
     def stop() -> None:

@@ -23,6 +23,7 @@ from .policy.compile import (
     next_generation,
 )
 from .policy.effective import effective_policy
+from .policy.validate import KnownSource, SourceLike
 from .proxy.identity import DEFAULT_SANDBOX, token_hash
 from .secrets.material import material_of
 
@@ -142,6 +143,17 @@ class LiveState:
             out[sb.id] = SandboxSpec(
                 sb.id, sb.template, sb.network, token_hash(sb.token.get_secret_value()), "config"
             )
+        return out
+
+    def known_sources(self) -> dict[str, SourceLike]:
+        """Every source a binding may name, as binding checks need it (no secret values)."""
+        out: dict[str, SourceLike] = {}
+        for name, e in self._api_sources.items():
+            keys: frozenset[str] | None = None
+            if e.material is not None:
+                keys = frozenset(e.material.values)
+            out[name] = KnownSource(name, e.kind, keys)
+        out.update({name: v.source for name, v in self._sources.items()})
         return out
 
     def effective(self, sandbox: SandboxSpec) -> SandboxNetworkPolicy | None:

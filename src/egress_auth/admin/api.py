@@ -18,8 +18,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..metrics import METRICS
+from ..model.policy import SandboxNetworkPolicy, Template, TemplateReplace
+from ..model.sandboxes import (
+    ExplainRequest,
+    ExplainResult,
+    NetworkOverrides,
+    SandboxCreate,
+    SandboxCreated,
+    SandboxInfo,
+)
 from ..model.sources import CredentialSource, SourceMetadata, SourceReplace
 from .auth import token_matches
+from .policy_service import PolicyService
 from .service import ApiError, SourceService
 
 MAX_BODY = 1024 * 1024
@@ -118,6 +128,7 @@ def create_app(
     service: SourceService,
     admin_token: str,
     ca_pem: Callable[[], bytes],
+    policy: PolicyService,
 ) -> FastAPI:
     app = FastAPI(
         title="egress-auth admin API",
@@ -194,6 +205,7 @@ def create_app(
         await service.delete(name)
         return Ok(data={"name": name, "deleted": "true"})
 
+    _policy_routes(api, policy)
     app.include_router(api)
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -206,6 +218,72 @@ def create_app(
     app.add_middleware(AdminAuth, token=admin_token)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _policy_routes(api: APIRouter, policy: PolicyService) -> None:
+    errors: dict[int | str, dict[str, Any]] = {code: {"model": Failure} for code in (400, 404, 409)}
+
+    @api.get("/templates", response_model=Ok[list[Template]])
+    async def list_templates() -> Ok[list[Template]]:
+        return Ok(data=policy.list_templates())
+
+    @api.post("/templates", status_code=201, response_model=Ok[Template], responses=errors)
+    async def create_template(body: Template) -> Ok[Template]:
+        return Ok(data=await policy.create_template(body))
+
+    @api.get("/templates/{name}", response_model=Ok[Template], responses=errors)
+    async def get_template(name: str) -> Ok[Template]:
+        return Ok(data=policy.get_template(name))
+
+    @api.put("/templates/{name}", response_model=Ok[Template], responses=errors)
+    async def replace_template(name: str, body: TemplateReplace) -> Ok[Template]:
+        return Ok(data=await policy.replace_template(name, body))
+
+    @api.delete("/templates/{name}", response_model=Ok[dict[str, str]], responses=errors)
+    async def delete_template(name: str) -> Ok[dict[str, str]]:
+        await policy.delete_template(name)
+        return Ok(data={"name": name, "deleted": "true"})
+
+    @api.get("/sandboxes", response_model=Ok[list[SandboxInfo]])
+    async def list_sandboxes() -> Ok[list[SandboxInfo]]:
+        return Ok(data=policy.list_sandboxes())
+
+    @api.post("/sandboxes", status_code=201, response_model=Ok[SandboxCreated], responses=errors)
+    async def create_sandbox(body: SandboxCreate) -> Ok[SandboxCreated]:
+        return Ok(data=await policy.create_sandbox(body))
+
+    @api.get("/sandboxes/{sandbox_id}", response_model=Ok[SandboxInfo], responses=errors)
+    async def get_sandbox(sandbox_id: str) -> Ok[SandboxInfo]:
+        return Ok(data=policy.get_sandbox(sandbox_id))
+
+    @api.delete("/sandboxes/{sandbox_id}", response_model=Ok[dict[str, str]], responses=errors)
+    async def delete_sandbox(sandbox_id: str) -> Ok[dict[str, str]]:
+        await policy.delete_sandbox(sandbox_id)
+        return Ok(data={"id": sandbox_id, "deleted": "true"})
+
+    @api.get(
+        "/sandboxes/{sandbox_id}/network", response_model=Ok[NetworkOverrides], responses=errors
+    )
+    async def get_network(sandbox_id: str) -> Ok[NetworkOverrides]:
+        return Ok(data=policy.get_network(sandbox_id))
+
+    @api.put(
+        "/sandboxes/{sandbox_id}/network", response_model=Ok[NetworkOverrides], responses=errors
+    )
+    async def put_network(sandbox_id: str, body: NetworkOverrides) -> Ok[NetworkOverrides]:
+        return Ok(data=await policy.put_network(sandbox_id, body))
+
+    @api.get(
+        "/sandboxes/{sandbox_id}/effective-network",
+        response_model=Ok[SandboxNetworkPolicy],
+        responses=errors,
+    )
+    async def effective_network(sandbox_id: str) -> Ok[SandboxNetworkPolicy]:
+        return Ok(data=policy.effective_network(sandbox_id))
+
+    @api.post("/sandboxes/{sandbox_id}/explain", response_model=Ok[ExplainResult], responses=errors)
+    async def explain(sandbox_id: str, body: ExplainRequest) -> Ok[ExplainResult]:
+        return Ok(data=await policy.explain(sandbox_id, body))
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

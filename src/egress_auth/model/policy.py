@@ -210,3 +210,11 @@ class Template(WireModel):
     name: Name
     description: str | None = None
     spec: TemplateSpec = TemplateSpec()
+
+
+class TemplateReplace(WireModel):
+    """The body of a PUT: the name comes from the path (and must match it when given)."""
+
+    name: Name | None = None
+    description: str | None = None
+    spec: TemplateSpec = TemplateSpec()

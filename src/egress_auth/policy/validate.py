@@ -4,7 +4,8 @@ projection needs from its source. Pure: takes models, returns (place, message, s
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..model.policy import (
     CredentialBinding,
@@ -47,8 +48,29 @@ def _duplicates(names: list[str]) -> Iterator[int]:
         seen.add(n)
 
 
+class SourceLike(Protocol):
+    """What binding checks need of a source: a declared CredentialSource, or a KnownSource
+    standing for one created through the API."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def resolver_kind(self) -> str: ...
+    def keys(self) -> frozenset[str] | None: ...
+
+
+@dataclass(frozen=True)
+class KnownSource:
+    name: str
+    resolver_kind: str
+    key_set: frozenset[str] | None  # None: unknown (material purged)
+
+    def keys(self) -> frozenset[str] | None:
+        return self.key_set
+
+
 def validate_binding(
-    binding: CredentialBinding, source: CredentialSource | None
+    binding: CredentialBinding, source: SourceLike | None
 ) -> Iterator[tuple[tuple[str | int, ...], str]]:
     """Problems of one binding against its source (when the source is known)."""
     if source is None:
@@ -61,8 +83,8 @@ def validate_binding(
             f"kind {source.resolver_kind!r} (needs {' or '.join(sorted(kinds))})",
         )
         return
-    if isinstance(binding.projection, HttpHeadersProjection):
-        keys = source.keys()
+    keys = source.keys()
+    if isinstance(binding.projection, HttpHeadersProjection) and keys is not None:
         for i, h in enumerate(binding.projection.http_headers.headers):
             missing = parse_value_template(h.value_template).keys - keys
             for key in sorted(missing):
@@ -75,7 +97,7 @@ def validate_binding(
 
 def validate_policy(
     policy: SandboxNetworkPolicy,
-    sources: Mapping[str, CredentialSource],
+    sources: Mapping[str, SourceLike],
     broken_sources: frozenset[str] = frozenset(),
 ) -> Iterator[Found]:
     """Cross-object problems of one policy. `broken_sources` are declared but invalid (their

@@ -292,9 +292,13 @@ class EgressAuth:
             flow.response = http.Response.make(200, b"", {})
             flow.response.reason = "Connection established"
 
+    async def dial_ip(self, host: str, port: int) -> str | None:
+        """The address the proxy would dial for host:port (connectTo, then DNS)."""
+        return await resolve(*self._target(host, port))
+
     async def _conn_state(self, identity: Identity, host: str, port: int) -> ConnState:
-        dial_host, dial_port = self._target(host, port)
-        ip = await resolve(dial_host, dial_port)
+        dial_port = self._target(host, port)[1]
+        ip = await self.dial_ip(host, port)
         return ConnState(identity, host, port, (ip, dial_port) if ip else None)
 
     def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
