@@ -21,6 +21,7 @@ secret so an echo is detected even when the secret itself is short.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ SECRET_KEYS = {"username", "password", "privateKeyPem"}
 CANARY_RE = re.compile(r"zqk[0-9a-f]{10}q")
 
 EXAMPLES = settings(
-    max_examples=60,
+    max_examples=int(os.environ.get("EGRESS_AUTH_FUZZ_EXAMPLES", "30")),
     deadline=None,
     database=None,
     suppress_health_check=[
@@ -423,7 +424,7 @@ def test_admin_api_fuzz_authorized(admin_schema: Any, live: Live) -> None:
 
 def test_admin_api_fuzz_without_token(admin_schema: Any, live: Live) -> None:
     def run(operation: Any) -> None:
-        @settings(EXAMPLES, max_examples=15)
+        @settings(EXAMPLES, max_examples=8)
         @given(case=_cases(operation), bad=st.sampled_from(BAD_AUTH))
         def one(case: Any, bad: str | None) -> None:
             headers = (
