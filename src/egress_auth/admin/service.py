@@ -244,33 +244,17 @@ class SourceService:
     async def create(self, source: CredentialSource) -> SourceMetadata:
         self._refuse_declared(source.name)
         material = self._check(source)
-        async with self._lock:
-            try:
-                row = await asyncio.to_thread(
-                    self.store.create_source,
-                    source.name,
-                    source.resolver_kind,
-                    _spec_json(source),
-                    expires_at=source.expires_at,
-                    certificate=_cert_json(material),
-                    now=self.clock(),
-                )
-            except SourceExists:
-                raise ApiError(
-                    409, "conflict", f"credential source {source.name!r} already exists"
-                ) from None
-            self._publish(row, material)
+        try:
+            row = await self._store_write(self.store.create_source, source, material)
+        except SourceExists:
+            raise ApiError(
+                409, "conflict", f"credential source {source.name!r} already exists"
+            ) from None
         _count_write("POST")
         return self._metadata(row)
 
     async def replace(self, name: str, body: SourceReplace) -> SourceMetadata:
-        if body.name is not None and body.name != name:
-            raise ApiError(
-                400,
-                "invalid",
-                "name in the body does not match the path",
-                [{"field": "name", "message": "must match the path"}],
-            )
+        check_body_name(body.name, name)
         if not NAME_RE.match(name) or len(name) > 63:
             raise self._not_found(name)  # no source can have this name
         self._refuse_declared(name)
@@ -281,32 +265,37 @@ class SourceService:
             expires_at=body.expires_at,
         )
         material = self._check(source)
-        async with self._lock:
-            try:
-                row = await asyncio.to_thread(
-                    self.store.replace_source,
-                    name,
-                    source.resolver_kind,
-                    _spec_json(source),
-                    expires_at=source.expires_at,
-                    certificate=_cert_json(material),
-                    now=self.clock(),
-                )
-            except SourceNotFound:
-                raise ApiError(
-                    404, "not_found", f"credential source {name!r} does not exist"
-                ) from None
-            except KindChanged:
-                raise ApiError(
-                    400,
-                    "invalid",
-                    "resolverKind cannot change on PUT; delete and create instead",
-                    [{"field": "resolverKind", "message": "cannot change"}],
-                ) from None
-            # The snapshot is swapped before the answer: the next request sees this version.
-            self._publish(row, material)
+        try:
+            row = await self._store_write(self.store.replace_source, source, material)
+        except SourceNotFound:
+            raise ApiError(404, "not_found", f"credential source {name!r} does not exist") from None
+        except KindChanged:
+            raise ApiError(
+                400,
+                "invalid",
+                "resolverKind cannot change on PUT; delete and create instead",
+                [{"field": "resolverKind", "message": "cannot change"}],
+            ) from None
         _count_write("PUT")
         return self._metadata(row)
+
+    async def _store_write(
+        self, write: Callable[..., SourceRow], source: CredentialSource, material: Material
+    ) -> SourceRow:
+        """Seal and commit off the loop, then swap the snapshot before the caller answers."""
+        async with self._lock:
+            row = await asyncio.to_thread(
+                write,
+                source.name,
+                source.resolver_kind,
+                _spec_json(source),
+                expires_at=source.expires_at,
+                certificate=_cert_json(material),
+                now=self.clock(),
+            )
+            # The next request sees this version: the snapshot is swapped before the answer.
+            self._publish(row, material)
+        return row
 
     async def delete(self, name: str) -> None:
         self._refuse_declared(name)
@@ -370,6 +359,16 @@ class SourceService:
         self._expiry = None
         self.purge_expired()
         self.schedule_expiry()
+
+
+def check_body_name(given: str | None, path_name: str) -> None:
+    if given is not None and given != path_name:
+        raise ApiError(
+            400,
+            "invalid",
+            "name in the body does not match the path",
+            [{"field": "name", "message": "must match the path"}],
+        )
 
 
 def _count_write(method: str) -> None:
