@@ -281,7 +281,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         workdir = base / "proxy"
         workdir.mkdir()
         (workdir / "wild-token.txt").write_text(API_KEY + "\n")
-        proxy = ProxyProcess(workdir, config, env={"TEST_BEARER": BEARER, "TEST_SANDBOX_TOKEN": SANDBOX_TOKEN})
+        proxy = ProxyProcess(
+            workdir, config, env={"TEST_BEARER": BEARER, "TEST_SANDBOX_TOKEN": SANDBOX_TOKEN}
+        )
         with proxy:
             yield Env(
                 pki,

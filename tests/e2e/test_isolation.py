@@ -61,13 +61,15 @@ class Ctx:
     echo: EchoServer
     h2: H2EchoServer
     mtls: EchoServer
-    trust: ssl.SSLContext
+    # One trust context per protocol: httpcore sets the ALPN list on the context it is given,
+    # so an HTTP/1.1 client sharing a context with an HTTP/2 one would race it to "http/1.1".
+    trust: dict[bool, ssl.SSLContext]
     sandboxes: list[Sandbox] = field(default_factory=list)
 
     def client(self, sbx: Sandbox, http2: bool = False) -> httpx.Client:
         return httpx.Client(
             proxy=sbx.proxy_url,
-            verify=self.trust,
+            verify=self.trust[http2],
             timeout=20,
             http1=True,
             http2=http2,
@@ -114,7 +116,10 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
         }
         proxy = ProxyProcess(base / "proxy", config)
         with proxy:
-            trust = ssl.create_default_context(cafile=str(proxy.ca_path))
+            trust = {
+                http2: ssl.create_default_context(cafile=str(proxy.ca_path))
+                for http2 in (False, True)
+            }
             c = Ctx(proxy, echo, h2, mtls, trust)
             with proxy.admin() as a:
                 # One template for all: the same rules for the same hosts. Its bindings point
@@ -298,7 +303,10 @@ def test_header_secrets_never_cross_sandboxes(ctx: Ctx) -> None:
         if r.status_code != 200:
             return f"status {r.status_code}: {r.text[:200]}"
         if r.url.host == H2 and r.http_version != "HTTP/2":
-            return f"expected HTTP/2 from the proxy, got {r.http_version}"
+            return (
+                f"expected HTTP/2 from the proxy, got {r.http_version} "
+                f"(upstream: HTTP/{r.json()['httpVersion']})"
+            )
         return None
 
     started = time.monotonic()

@@ -256,6 +256,7 @@ class EgressAuth:
             )
         except Unauthenticated as e:
             flow.response = answers.proxy_auth_required(str(e))
+            _close_after(flow)  # a plain-http client's upstream connections go with it
             audit.AuditEvent(
                 sandbox="",
                 method=flow.request.method,
@@ -418,6 +419,7 @@ class EgressAuth:
             # Deleted or re-keyed while this connection stayed open.
             flow.response = answers.proxy_auth_required("the sandbox was revoked")
             self._event(st, flow, "", "denied", reason="proxy_auth").emit(407)
+            _close_after(flow)  # and its upstream connection with it
             return
         raw_path, query = split_target(flow.request.path)
         path = normalize_path(raw_path)
@@ -444,6 +446,8 @@ class EgressAuth:
                 else answers.egress_denied(st.host, st.port, v.traffic_rule, v.mode)
             )
             self._refuse(flow, ev, denial)
+            if st.tunnel:
+                _close_after(flow)  # this tunnel's host is no longer allowed at all
             return
         connection_level = st.tls is not None and v.resolution is st.tls.resolution
         if v.decision == "failed-closed" and connection_level:
@@ -495,17 +499,21 @@ class EgressAuth:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         st = self.conns.get(flow.client_conn.id)
-        if st is None or st.tls is None or flow.response is None:
-            return
-        if self._certificate_is_stale(st) and flow.request.http_version.startswith("HTTP/1"):
-            # The client certificate on this connection was rotated or removed: let this
-            # response finish, then close, so the next request dials with the new version.
-            # (HTTP/2 has no per-response close; its connection keeps the old certificate
-            # until the client opens a new one.)
-            flow.response.headers["Connection"] = "close"
+        if st is not None and st.tunnel and flow.response is not None and self._stale(st):
+            # Re-scoped so that this host is denied, or the client certificate rotated or
+            # removed: let this response finish, then close, so the next request opens a
+            # connection under the new policy.
+            _close_after(flow)
 
-    def _certificate_is_stale(self, st: ConnState) -> bool:
-        assert st.tls is not None
+    def _stale(self, st: ConnState) -> bool:
+        """Whether what this connection was opened under no longer holds: its host is no
+        longer allowed, or its client certificate changed. (A change of header rules needs
+        no new connection: every request is decided against the current snapshot.)"""
+        policy = self.snapshot.policies.get(st.sandbox)
+        if policy is None or not check_traffic(policy, st.host, st.port, st.dial_ip).allowed:
+            return True
+        if st.tls is None:
+            return False
         now = select_tls(self.snapshot, st.sandbox, st.host, st.port, self.clock())
         if now is None:
             return True
@@ -525,6 +533,16 @@ class EgressAuth:
         if isinstance(ev, audit.AuditEvent):
             ev.reason = ev.reason or "upstream_error"
             ev.emit(502)
+
+
+def _close_after(flow: http.HTTPFlow) -> None:
+    """Close the client connection (and with it its upstream ones) after this response.
+
+    HTTP/2 has no per-response close: such a connection stays until the client ends it,
+    though every request on it is still checked against the current snapshot.
+    """
+    if flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
+        flow.response.headers["Connection"] = "close"
 
 
 def is_loopback(host: str) -> bool:
