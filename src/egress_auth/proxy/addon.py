@@ -29,12 +29,20 @@ from ..config import ConfigError, load_config
 from ..model.config import ConfigFile, split_host_port
 from ..policy.compile import CompiledPolicy, Snapshot
 from ..policy.domains import normalize_host
-from ..policy.match import RequestFacts, TlsSelection, check_traffic, parse_query, select_tls
+from ..policy.match import (
+    RequestFacts,
+    TlsSelection,
+    check_traffic,
+    could_match,
+    parse_query,
+    select_tls,
+)
 from ..policy.paths import normalize_path, split_target
 from ..policy.verdict import verdict
 from ..state import LiveState
 from . import answers
 from .identity import Identity, Unauthenticated, identify, still_valid
+from .passthrough import TunnelStats, close_tunnel, watch_tunnel
 from .tls import ClientContexts, UpstreamWatch, watch_connection
 
 log = logging.getLogger("egress_auth")
@@ -61,6 +69,9 @@ class ConnState:
     refused: str | None = None
     upstream: UpstreamWatch | None = None
     tunnel: bool = False
+    passthrough: TunnelStats | None = None  # set when the connection is relayed untouched
+    client: connection.Client | None = None
+    closed_by: str | None = None
     plain_dials: dict[Address, Address] = field(default_factory=dict)
 
     @property
@@ -124,6 +135,7 @@ class EgressAuth:
         self.state = LiveState()
         # sandboxAuth's default: optional on a loopback listen address, required elsewhere.
         self.state.listen_loopback = loopback
+        self.state.listeners.append(self._on_snapshot)
         self.config_path = config_path
         self.clock = clock
         self.conns: dict[str, ConnState] = {}
@@ -157,13 +169,6 @@ class EgressAuth:
         self.connect_to = connect_to
 
     def running(self) -> None:
-        config = self.state.config
-        if config is not None and config.proxy.intercept == "matching":
-            # Tunnelling unmatched connections is planned; be explicit about today's behaviour.
-            log.warning(
-                "proxy.intercept 'matching' is not implemented yet: every connection is "
-                "intercepted (as with 'all')"
-            )
         # Not available off the main thread or on some platforms: then no SIGHUP reload.
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
@@ -352,6 +357,40 @@ class EgressAuth:
                     decision="denied",
                     reason="sni_mismatch",
                 ).emit(None)
+                return
+        if self._intercepts(st):
+            return
+        # No credential rule of this sandbox could apply: relay the bytes untouched. The
+        # client then talks TLS with the upstream itself (its own certificate, pinning and
+        # all); traffic policy was already checked on the CONNECT.
+        data.ignore_connection = True
+        st.passthrough = watch_tunnel(data.context.client, data.context.server)
+        st.client = data.context.client
+
+    def _intercepts(self, st: ConnState) -> bool:
+        config = self.state.config
+        if config is None or config.proxy.intercept == "all":
+            return True
+        policy = self.snapshot.policies.get(st.sandbox)
+        return policy is None or could_match(policy, st.host, st.port)
+
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
+        """Close tunnels whose sandbox was revoked or whose traffic became denied: they see
+        no requests of ours, so nothing else would stop them."""
+        for st in list(self.conns.values()):
+            if st.passthrough is None or st.client is None:
+                continue
+            policy = snapshot.policies.get(st.sandbox)
+            revoked = not still_valid(
+                st.identity, snapshot.identities, required=snapshot.auth_required
+            )
+            if (
+                revoked
+                or policy is None
+                or not check_traffic(policy, st.host, st.port, st.dial_ip).allowed
+            ):
+                st.closed_by = "revoked" if revoked else "denied"
+                close_tunnel(st.client)
 
     def tls_start_client(self, data: tls.TlsData) -> None:
         st = self.conns.get(data.context.client.id)
@@ -401,7 +440,24 @@ class EgressAuth:
             st.tls_error = f"the upstream refused the TLS session (TLS alert {watch.alert})"
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self.conns.pop(client.id, None)
+        st = self.conns.pop(client.id, None)
+        if st is not None and st.passthrough is not None:
+            stats = st.passthrough
+            extra: dict[str, object] = {}
+            if stats.counted:
+                extra = {"bytesUp": stats.bytes_up, "bytesDown": stats.bytes_down}
+            audit.AuditEvent(
+                sandbox=st.sandbox,
+                method="CONNECT",
+                host=st.host,
+                port=st.port,
+                path="",
+                decision="tunnelled",
+                traffic_rule=st.traffic_rule,
+                reason=st.closed_by,
+                started=stats.started,
+                extra=extra,
+            ).emit(None)
 
     # ---- request-level hooks -------------------------------------------------------------
 
