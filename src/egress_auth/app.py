@@ -110,18 +110,14 @@ def upstream_trust_bundle(data_dir: Path, extra: Path | None) -> str | None:
     return str(bundle)
 
 
-def check_port_free(host: str, port: int, what: str) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise StartupError(f"{what} address {host}:{port} is already in use") from None
-            raise StartupError(
-                f"cannot listen on {what} address {host}:{port}: {e.strerror}"
-            ) from None
+def bind_or_fail(host: str, port: int, what: str) -> socket.socket:
+    """Bind now, so a taken port is a one-line reason instead of a traceback later."""
+    try:
+        return bind(host, port)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise StartupError(f"{what} address {host}:{port} is already in use") from None
+        raise StartupError(f"cannot listen on {what} address {host}:{port}: {e.strerror}") from None
 
 
 async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> None:
@@ -175,16 +171,10 @@ async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> No
 
 def run(settings: RunSettings) -> None:
     host, port = settings.listen
-    check_port_free(host, port, "proxy")
+    # mitmproxy binds the proxy port itself: only check that it is free.
+    bind_or_fail(host, port, "proxy").close()
     a_host, a_port = settings.admin_listen
-    try:
-        admin_socket = bind(a_host, a_port)
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise StartupError(f"admin address {a_host}:{a_port} is already in use") from None
-        raise StartupError(
-            f"cannot listen on admin address {a_host}:{a_port}: {e.strerror}"
-        ) from None
+    admin_socket = bind_or_fail(a_host, a_port, "admin")
     lock = lock_data_dir(settings.data_dir)
     store = open_store(settings.data_dir)
     try:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.addonmanager import Loader
@@ -348,15 +349,7 @@ class EgressAuth:
                 # the target, so a different name inside could borrow its credentials.
                 st.refused = "TLS server name does not match the CONNECT target"
                 data.establish_server_tls_first = False
-                audit.AuditEvent(
-                    sandbox=st.sandbox,
-                    method="CONNECT",
-                    host=st.host,
-                    port=st.port,
-                    path="",
-                    decision="denied",
-                    reason="sni_mismatch",
-                ).emit(None)
+                _connect_event(st, "denied", reason="sni_mismatch").emit(None)
                 return
         if self._intercepts(st):
             return
@@ -446,13 +439,9 @@ class EgressAuth:
             extra: dict[str, object] = {}
             if stats.counted:
                 extra = {"bytesUp": stats.bytes_up, "bytesDown": stats.bytes_down}
-            audit.AuditEvent(
-                sandbox=st.sandbox,
-                method="CONNECT",
-                host=st.host,
-                port=st.port,
-                path="",
-                decision="tunnelled",
+            _connect_event(
+                st,
+                "tunnelled",
                 traffic_rule=st.traffic_rule,
                 reason=st.closed_by,
                 started=stats.started,
@@ -589,6 +578,19 @@ class EgressAuth:
         if isinstance(ev, audit.AuditEvent):
             ev.reason = ev.reason or "upstream_error"
             ev.emit(502)
+
+
+def _connect_event(st: ConnState, decision: str, **kw: Any) -> audit.AuditEvent:
+    """An audit event about a whole connection (not one request in it)."""
+    return audit.AuditEvent(
+        sandbox=st.sandbox,
+        method="CONNECT",
+        host=st.host,
+        port=st.port,
+        path="",
+        decision=decision,
+        **kw,
+    )
 
 
 def _close_after(flow: http.HTTPFlow) -> None:
