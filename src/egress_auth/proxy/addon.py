@@ -73,6 +73,7 @@ class ConnState:
     passthrough: TunnelStats | None = None  # set when the connection is relayed untouched
     client: connection.Client | None = None
     closed_by: str | None = None
+    fresh_at: int = -1  # the snapshot generation this connection was last found current in
     plain_dials: dict[Address, Address] = field(default_factory=dict)
 
     @property
@@ -553,7 +554,20 @@ class EgressAuth:
     def _stale(self, st: ConnState) -> bool:
         """Whether what this connection was opened under no longer holds: its host is no
         longer allowed, or its client certificate changed. (A change of header rules needs
-        no new connection: every request is decided against the current snapshot.)"""
+        no new connection: every request is decided against the current snapshot.)
+
+        Checked once per snapshot, not on every response: what it depends on changes only
+        with the snapshot (a TLS source's expiry purges and swaps one too, for API sources).
+        """
+        generation = self.snapshot.generation
+        if st.fresh_at == generation:
+            return False
+        if self._stale_now(st):
+            return True
+        st.fresh_at = generation
+        return False
+
+    def _stale_now(self, st: ConnState) -> bool:
         policy = self.snapshot.policies.get(st.sandbox)
         if policy is None or not check_traffic(policy, st.host, st.port, st.dial_ip).allowed:
             return True
