@@ -77,21 +77,20 @@ class Stats:
     max_requests: int
     latencies: list[int] = field(default_factory=list)  # ns, measured window only
     completed: int = 0  # all requests, warm-up included
+    body_bytes: int = 0  # body bytes of those
     errors: int = 0
     error_kinds: dict[str, int] = field(default_factory=dict)
     auth_true: int = 0
     cert_true: int = 0
     stop: bool = False
 
-    def record(self, started: int, now: int, status: int, body: bytes) -> None:
+    def record(self, started: int, now: int, status: int, auth: bool, cert: bool) -> None:
         self.completed += 1
         if self.warm_end <= now <= self.end:
             if status == 200:
                 self.latencies.append(now - started)
-                if b'"auth":true' in body:
-                    self.auth_true += 1
-                if b'"cert":true' in body:
-                    self.cert_true += 1
+                self.auth_true += auth
+                self.cert_true += cert
             else:
                 self.error(f"status {status}")
         if now >= self.end or self.completed >= self.max_requests:
@@ -115,6 +114,9 @@ class Conn(asyncio.Protocol):
         self.connect_fut: asyncio.Future[int] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.sent_at = 0
+        self.head = b""
+        self.body_left = 0
+        self.bytes_in = 0  # response body bytes, warm-up included
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -125,6 +127,17 @@ class Conn(asyncio.Protocol):
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
+        if self.body_left:
+            # Inside a body: count its bytes, keep none (a download is megabytes).
+            n = min(len(data), self.body_left)
+            self.body_left -= n
+            self.bytes_in += n
+            if self.body_left:
+                return
+            self._complete()
+            data = data[n:]
+            if not data:
+                return
         self.buf += data
         if self.connecting:
             end = self.buf.find(b"\r\n\r\n")
@@ -133,7 +146,7 @@ class Conn(asyncio.Protocol):
                 del self.buf[: end + 4]
                 self.connect_fut.set_result(status)
             return
-        while not self.done.done():
+        while not self.done.done() and not self.body_left:
             end = self.buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buf) > MAX_RESPONSE:
@@ -146,19 +159,31 @@ class Conn(asyncio.Protocol):
                 return
             j = head.find(b"\r\n", i + 2)
             length = int(head[i + 17 : j if j >= 0 else len(head)])
-            total = end + 4 + length
-            if len(self.buf) < total:
-                return
-            now = time.perf_counter_ns()
-            status = int(head[9:12])
-            body = bytes(self.buf[end + 4 : total])
-            del self.buf[:total]
-            stats = self.stats
-            stats.record(self.sent_at, now, status, body)
-            if self.keepalive and not stats.stop and b"\r\nconnection: close" not in head:
-                self.send()
-            else:
-                self.done.set_result(None)
+            self.head = head
+            have = min(len(self.buf) - end - 4, length)
+            del self.buf[: end + 4 + have]
+            self.bytes_in += have
+            self.body_left = length - have
+            if not self.body_left:
+                self._complete()
+
+    def _complete(self) -> None:
+        """One whole response arrived: record it, then send the next or finish."""
+        head = self.head
+        stats = self.stats
+        stats.body_bytes += self.bytes_in
+        self.bytes_in = 0
+        stats.record(
+            self.sent_at,
+            time.perf_counter_ns(),
+            int(head[9:12]),
+            b"\r\nx-bench-auth: true" in head,
+            b"\r\nx-bench-cert: true" in head,
+        )
+        if self.keepalive and not stats.stop and b"\r\nconnection: close" not in head:
+            self.send()
+        else:
+            self.done.set_result(None)
 
     def _fail(self, kind: str) -> None:
         self.stats.error(kind)
@@ -293,6 +318,8 @@ class Generator:
             "p99_ms": percentile(lat, 0.99) / 1e6,
             "mean_ms": (sum(lat) / n / 1e6) if n else float("nan"),
             "max_ms": (lat[-1] / 1e6) if n else float("nan"),
+            "completed": stats.completed,
+            "body_bytes": stats.body_bytes,
             "errors": stats.errors,
             "error_kinds": stats.error_kinds,
             "auth_true": stats.auth_true,

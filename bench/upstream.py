@@ -8,6 +8,10 @@ One process, one event loop (uvloop when installed), two listening sockets on 12
 * ``mtls``: the same, but the TLS handshake requires a client certificate issued under the
   benchmark's throwaway root.
 
+Both also answer ``GET /download`` with a fixed body of ``--download-bytes`` (10 MiB), for the
+throughput workload. Every answer carries ``X-Bench-Auth`` and ``X-Bench-Cert`` headers, so the
+load generator can check injection without reading a large body.
+
 Written with bare ``asyncio.Protocol`` callbacks, not the test suite's threaded stdlib echo
 server, so that it is never the bottleneck (``run.py`` measures both; see README).
 
@@ -33,22 +37,29 @@ HOST = "127.0.0.1"
 MAX_HEAD = 64 * 1024
 
 
-def _response(body: bytes) -> bytes:
+def _head(auth: bool, cert: bool, length: int, ctype: bytes) -> bytes:
     return (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-        + str(len(body)).encode()
+        b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype
+        + b"\r\nX-Bench-Auth: " + (b"true" if auth else b"false")
+        + b"\r\nX-Bench-Cert: " + (b"true" if cert else b"false")
+        + b"\r\nContent-Length: " + str(length).encode()
         + b"\r\n\r\n"
-        + body
+    )  # fmt: skip
+
+
+def _small(auth: bool, cert: bool) -> bytes:
+    body = b'{"auth":%s,"cert":%s}' % (
+        b"true" if auth else b"false",
+        b"true" if cert else b"false",
     )
+    return _head(auth, cert, len(body), b"application/json") + body
 
 
-RESPONSES = {
-    (False, False): _response(b'{"auth":false,"cert":false}'),
-    (True, False): _response(b'{"auth":true,"cert":false}'),
-    (False, True): _response(b'{"auth":false,"cert":true}'),
-    (True, True): _response(b'{"auth":true,"cert":true}'),
-}
+RESPONSES = {(a, c): _small(a, c) for a in (False, True) for c in (False, True)}
 AUTH_MARK = b"\r\nauthorization: bearer bench-"
+DOWNLOAD = b"get /download "
+# (auth, cert) -> (head, body); filled by serve() once --download-bytes is known.
+DOWNLOADS: dict[tuple[bool, bool], tuple[bytes, bytes]] = {}
 
 
 class Http(asyncio.Protocol):
@@ -73,13 +84,20 @@ class Http(asyncio.Protocol):
                 break
             head = buf[:end].lower()
             buf = buf[end + 4 :]
-            out.append(RESPONSES[(AUTH_MARK in head, self.mtls)])
+            if head.startswith(DOWNLOAD):
+                out.extend(DOWNLOADS[(AUTH_MARK in head, self.mtls)])
+            else:
+                out.append(RESPONSES[(AUTH_MARK in head, self.mtls)])
             if b"\r\nconnection: close" in head:
                 close = True
                 break
         self.buf = buf
         if out:
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            if len(out) == 1 or sum(map(len, out)) > MAX_HEAD:
+                for chunk in out:  # no copy of a download's body
+                    self.transport.write(chunk)
+            else:
+                self.transport.write(b"".join(out))
         if close or len(self.buf) > MAX_HEAD:
             self.transport.close()
 
@@ -101,6 +119,9 @@ def server_context(chain: str, key: str, client_ca: str | None) -> ssl.SSLContex
 
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
+    blob = bytes(range(256)) * (args.download_bytes // 256) + b"x" * (args.download_bytes % 256)
+    for key in RESPONSES:
+        DOWNLOADS[key] = (_head(*key, len(blob), b"application/octet-stream"), blob)
     echo = await loop.create_server(
         lambda: Http(False), HOST, 0, ssl=server_context(args.chain, args.key, None), backlog=1024
     )
@@ -145,6 +166,7 @@ def main() -> None:
     p.add_argument("--key", required=True)
     p.add_argument("--client-ca", required=True)
     p.add_argument("--max-seconds", type=float, default=1800.0)
+    p.add_argument("--download-bytes", type=int, default=10 * 1024 * 1024)
     p.add_argument("--no-uvloop", action="store_true")
     args = p.parse_args()
     if not args.no_uvloop:

@@ -122,7 +122,8 @@ def bind_or_fail(host: str, port: int, what: str) -> socket.socket:
 
 async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> None:
     from mitmproxy import options
-    from mitmproxy.tools.dump import DumpMaster
+
+    from .proxy.master import ProxyMaster
 
     host, port = settings.listen
     opts = options.Options(
@@ -130,7 +131,7 @@ async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> No
         listen_port=port,
         confdir=str(settings.certs_dir),
     )
-    master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+    master = ProxyMaster(opts)
     # This option belongs to an addon, so it exists only once the master has loaded them.
     opts.update(stream_large_bodies=STREAM_LARGE_BODIES)  # type: ignore[no-untyped-call]
     trust = upstream_trust_bundle(settings.data_dir, settings.upstream_ca)

@@ -18,6 +18,7 @@ import pytest
 from tests.support.pki import TestPKI
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
+DOWNLOAD_BYTES = 3 * 1024 * 1024 + 7  # several TLS records and socket reads, an odd tail
 
 
 def _module(name: str) -> Any:
@@ -61,6 +62,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
             str(pki.root_pem_path),
             "--max-seconds",
             "60",
+            "--download-bytes",
+            str(DOWNLOAD_BYTES),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -75,10 +78,17 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("upstream_name", "mode", "concurrency"),
-    [("echo", "keepalive", 2), ("echo", "newconn", 2), ("mtls", "newconn", 2)],
+    ("upstream_name", "mode", "concurrency", "path"),
+    [
+        ("echo", "keepalive", 2, "/v1/bench"),
+        ("echo", "newconn", 2, "/v1/bench"),
+        ("mtls", "newconn", 2, "/v1/bench"),
+        ("echo", "keepalive", 1, "/download"),
+    ],
 )
-def test_loadgen_direct(upstream: Any, upstream_name: str, mode: str, concurrency: int) -> None:
+def test_loadgen_direct(
+    upstream: Any, upstream_name: str, mode: str, concurrency: int, path: str
+) -> None:
     ports, pki, client, pid = upstream
     loadgen = _module("loadgen")
     spec = loadgen.Spec(
@@ -91,6 +101,7 @@ def test_loadgen_direct(upstream: Any, upstream_name: str, mode: str, concurrenc
         cafile=str(pki.root_pem_path),
         max_requests=20_000,
         watch={"upstream": pid},
+        path=path,
     )
     if upstream_name == "mtls":
         spec.client_cert, spec.client_key = str(client.chain), str(client.key)
@@ -102,6 +113,10 @@ def test_loadgen_direct(upstream: Any, upstream_name: str, mode: str, concurrenc
     if upstream_name == "mtls":
         assert res["cert_true"] == res["requests"]
     assert res["cpu_s"]["upstream"] >= 0
+    if path == "/download":
+        # Every counted response was a whole download: the load generator read exactly
+        # Content-Length bytes per response, or the next response's head would not parse.
+        assert res["body_bytes"] == res["completed"] * DOWNLOAD_BYTES
 
 
 def test_report_from_synthetic_cells() -> None:
@@ -130,8 +145,14 @@ def test_report_from_synthetic_cells() -> None:
         w.key: {
             c.key: [
                 cell(
-                    {"direct": 9000.0, "mitmdump": 1000.0, "ea1": 990.0, "ea10k": 980.0}[c.key],
-                    c.key.startswith("ea") and w.upstream == "echo",
+                    {
+                        "direct": 9000.0,
+                        "mitmdump": 1000.0,
+                        "ea1": 990.0,
+                        "ea10k": 980.0,
+                        "eatun": 7500.0,
+                    }[c.key],
+                    c.key in ("ea1", "ea10k") and w.upstream == "echo",
                     w.upstream == "mtls",
                     c.key != "direct",
                 )
@@ -162,10 +183,10 @@ def test_report_from_synthetic_cells() -> None:
             "sandboxes": 1000,
             "bench_sandbox": "sbx-0500",
         },
-        "startup_s": {"mitmdump": 1.0, "ea1": 1.0, "ea10k": 2.0},
-        "rules": {"ea1": 2, "ea10k": 10_000},
-        "rss_idle_mib": {"mitmdump": status, "ea1": status, "ea10k": status},
-        "rss_end_mib": {"mitmdump": status, "ea1": status, "ea10k": status},
+        "startup_s": {"mitmdump": 1.0, "ea1": 1.0, "ea10k": 2.0, "eatun": 1.0},
+        "rules": {"ea1": 2, "ea10k": 10_000, "eatun": 1},
+        "rss_idle_mib": {c: status for c in run.PROXIES},
+        "rss_end_mib": {c: status for c in run.PROXIES},
         "summary": summary,
         "microbench": _module("microbench").run(sizes=(10,), iterations=50, repeats=1),
         "api_variant": None,
@@ -174,3 +195,7 @@ def test_report_from_synthetic_cells() -> None:
     assert "### Budget" in md and "| sequential keep-alive |" in md
     lines = {line: ok for line, _, ok in run.budget(res)}
     assert lines["sequential keep-alive: egress-auth 10k rules >= 97% of mitmdump req/s"]
+    assert "### TLS passthrough" in md
+    tunnel = "10 MiB download: tunnelled >= 80% of direct throughput"
+    assert lines[tunnel]  # 7500 / 9000
+    assert math.isclose(summary["newconn"]["eatun"]["rps_vs_intercepted"], 7500 / 990)

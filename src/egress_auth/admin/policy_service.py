@@ -36,7 +36,8 @@ from ..policy.verdict import verdict
 from ..proxy.identity import DEFAULT_SANDBOX, token_hash
 from ..secrets.policy_rows import SandboxRow, StoreConflict
 from ..secrets.store import Store
-from ..state import LiveState, SandboxSpec
+from ..state import LiveState
+from ..stored import StoredState
 from .service import ApiError
 
 Resolver = Callable[[str, int], Awaitable[str | None]]
@@ -52,11 +53,6 @@ def _count(resource: str, method: str) -> None:
     METRICS.inc("egress_auth_admin_writes_total", resource=resource, method=method)
 
 
-def _spec(row: SandboxRow) -> SandboxSpec:
-    network = NetworkOverrides.model_validate_json(row.network) if row.network else None
-    return SandboxSpec(row.id, row.template, network, row.token_hash, "api")
-
-
 @dataclass
 class PolicyService:
     store: Store
@@ -65,18 +61,15 @@ class PolicyService:
     resolve: Resolver  # the proxy's own connectTo + DNS path, so explain sees what it sees
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _stored: StoredState = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._stored = StoredState(self.store, self.state)
 
     # ---- loading ----------------------------------------------------------------------------
 
-    def _stored(self) -> tuple[dict[str, Template], dict[str, SandboxSpec]]:
-        templates = {
-            r.name: Template.model_validate_json(r.body) for r in self.store.list_templates()
-        }
-        sandboxes = {r.id: _spec(r) for r in self.store.list_sandboxes()}
-        return templates, sandboxes
-
     def load(self) -> None:
-        self.state.set_api_policy(*self._stored())
+        self._stored.load_policy()
 
     async def _commit(self, write: Callable[[], Any]) -> Any:
         """Run one store write off the loop, then swap in a snapshot built from the store."""

@@ -28,6 +28,7 @@ from ..policy.validate import validate_binding, validate_source
 from ..secrets.material import Material, MaterialError, material_of
 from ..secrets.store import KindChanged, SourceExists, SourceNotFound, SourceRow, Store
 from ..state import LiveState
+from ..stored import StoredState, source_entry
 
 log = logging.getLogger("egress_auth.admin")
 
@@ -99,34 +100,11 @@ class SourceService:
     def load(self) -> None:
         """Open every stored source into the snapshot (at start-up, before serving)."""
         self.purge_expired()
-        entries = {}
-        for row in self.store.list_sources():
-            entry = self._entry_from_store(row)
-            if entry is not None:
-                entries[row.name] = entry
-        self.state.set_api_sources(entries)
-
-    def _entry_from_store(self, row: SourceRow) -> SourceEntry:
-        material = None
-        if row.has_material:
-            found = self.store.read_spec(row.name)
-            if found is not None:
-                _, spec = found
-                source = CredentialSource.model_validate(
-                    {"name": row.name, "resolverKind": row.resolver_kind, "spec": json.loads(spec)}
-                )
-                material = material_of(source)
-        return self._entry(row, material)
+        StoredState(self.store, self.state).load_sources()
 
     @staticmethod
     def _entry(row: SourceRow, material: Material | None) -> SourceEntry:
-        return SourceEntry(
-            name=row.name,
-            version=row.version,
-            kind=row.resolver_kind,
-            material=material,
-            expires_at=row.expires_at.timestamp() if row.expires_at else None,
-        )
+        return source_entry(row, material)
 
     # ---- reads ------------------------------------------------------------------------------
 
