@@ -37,11 +37,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_RESPONSE = 1 << 20
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+def cpu_seconds(pids: int | list[int]) -> float:
+    """utime + stime of whole processes (all their threads), in seconds, summed."""
+    total = 0
+    for pid in pids if isinstance(pids, list) else [pids]:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
 
 
 def percentile(sorted_values: list[int], q: float) -> float:
@@ -67,7 +70,7 @@ class Spec:
     client_key: str | None = None
     path: str = "/v1/bench"
     max_requests: int = 5_000_000
-    watch: dict[str, int] = field(default_factory=dict)  # name -> pid
+    watch: dict[str, int | list[int]] = field(default_factory=dict)  # name -> pid(s)
 
 
 @dataclass
@@ -279,7 +282,7 @@ class Generator:
         warm_end = t0 + int(spec.warmup_s * 1e9)
         end = warm_end + int(spec.duration_s * 1e9)
         stats = Stats(warm_end, end, spec.max_requests)
-        pids = {**spec.watch, "loadgen": os.getpid()}
+        pids: dict[str, int | list[int]] = {**spec.watch, "loadgen": os.getpid()}
         cpu: dict[str, dict[str, float]] = {"start": {}, "end": {}}
 
         def snap(which: str) -> None:

@@ -60,8 +60,11 @@ DOWNLOAD_BYTES = 10 * 1024 * 1024
 if (os.cpu_count() or 1) >= 2:
     CPU_PROXY: set[int] | None = {0}
     CPU_LOAD: set[int] | None = {1}
+    # --workers 2: the proxy may use both cores; the load generator keeps CPU 1, so the
+    # workers get what it leaves free.
+    CPU_WORKERS: set[int] | None = {0, 1}
 else:  # nothing to separate: report that nothing was pinned
-    CPU_PROXY = CPU_LOAD = None
+    CPU_PROXY = CPU_LOAD = CPU_WORKERS = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ CASES = [
     Case("ea1", "egress-auth, 1 rule"),
     Case("ea10k", "egress-auth, 10,000 rules / 1,000 sandboxes"),
     Case("eatun", "egress-auth, no rule for the host: tunnelled"),
+    Case("ea10kw2", "egress-auth, 10,000 rules, --workers 2 on CPUs 0-1"),
 ]
 PROXIES = [c.key for c in CASES if c.key != "direct"]
 INTERCEPTING = ["mitmdump", "ea1", "ea10k"]  # the cases that decrypt every request
@@ -137,14 +141,35 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float, what: st
     raise RuntimeError(f"{what} did not listen on {port} within {timeout:.0f}s")
 
 
+def family(pid: int) -> list[int]:
+    """A process and its children (the proxy processes of `run --workers N`)."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return [pid, *map(int, kids)]
+
+
+def wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} during start-up")
+        if path.exists() and text in path.read_text(errors="replace"):
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise RuntimeError(f"{text!r} not printed within {timeout:.0f}s")
+
+
 def proc_status(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (peak) in MiB."""
-    out: dict[str, float] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) / 1024
+    """VmRSS and VmHWM (peak) in MiB, summed over the process and its children."""
+    out: dict[str, float] = {"VmRSS": 0.0, "VmHWM": 0.0}
+    for p in family(pid):
+        with open(f"/proc/{p}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in out:
+                    out[key] += int(value.split()[0]) / 1024
     return out
 
 
@@ -266,7 +291,7 @@ class Bench:
             net = policygen.one_rule_network(HOST, echo, mtls, "tok-bench", "bench-client-cert")
             sandboxes = [sandbox("bench", "BENCH_SBX_BENCH", net)]
             self.bench_auth[case] = f"bench:{self.env_tokens['BENCH_SBX_BENCH']}"
-        else:
+        else:  # ea10k, ea10kw2
             sources = [cert_source]
             sandboxes = []
             for i in range(N_SANDBOXES):
@@ -366,6 +391,7 @@ class Bench:
                 str(self.certs_dir),
                 "--data-dir",
                 str(d / "data"),
+                *(["--workers", "2"] if case == "ea10kw2" else []),
             ],
             stdin=subprocess.DEVNULL,
             # Audit lines (one per injected request) go to a file, as a deployment would.
@@ -373,11 +399,13 @@ class Bench:
             stderr=(d / "stderr.log").open("wb"),
             env=env,
             cwd=d,
-            preexec_fn=pin(CPU_PROXY),
+            preexec_fn=pin(CPU_WORKERS if case == "ea10kw2" else CPU_PROXY),
         )
         self.procs[case] = p
         try:
             self.startup_s[case] = wait_port(self.ports[case], p, 180, f"egress-auth ({case})")
+            if case == "ea10kw2":  # the port opens with the first process; wait for all
+                self.startup_s[case] += wait_log(d / "stdout.log", "egress-auth proxy:", p, 180)
         except RuntimeError as e:
             raise RuntimeError(f"{e}:\n{(d / 'stderr.log').read_text()[-3000:]}") from None
 
@@ -443,7 +471,7 @@ class Bench:
             spec.update(
                 proxy_host=HOST, proxy_port=self.ports[case], proxy_auth=self.bench_auth[case]
             )
-            spec["watch"]["proxy"] = self.procs[case].pid
+            spec["watch"]["proxy"] = family(self.procs[case].pid)
         out = subprocess.run(
             [PY, str(HERE / "loadgen.py"), json.dumps(spec)],
             capture_output=True,
@@ -491,6 +519,7 @@ class Bench:
         self.start_egress_auth("ea1")
         self.start_egress_auth("ea10k")
         self.start_egress_auth("eatun")
+        self.start_egress_auth("ea10kw2")
         time.sleep(1.0)
         for case in PROXIES:
             self.rss_idle[case] = proc_status(self.procs[case].pid)
@@ -662,7 +691,7 @@ def summarize(cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, An
             problems = []
             if s["errors"]:
                 problems.append(f"{s['errors']} errors")
-            wants_auth = c.key in ("ea1", "ea10k") and w.upstream == "echo"
+            wants_auth = c.key in ("ea1", "ea10k", "ea10kw2") and w.upstream == "echo"
             if wants_auth and s["injected"] != reqs:
                 problems.append(f"injected on {s['injected']} of {reqs}")
             if not wants_auth and s["injected"]:
@@ -677,6 +706,11 @@ def summarize(cells: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, An
         for c in ("ea1", "ea10k"):
             row[c]["rps_vs_mitmdump"] = row[c]["rps"] / base["rps"] if base["rps"] else float("nan")
             row[c]["p50_added_ms"] = row[c]["p50_ms"] - base["p50_ms"]
+        w2, w1 = row["ea10kw2"], row["ea10k"]
+        w2["rps_vs_1worker"] = w2["rps"] / w1["rps"] if w1["rps"] else 0.0
+        w2["cpu_vs_1worker"] = w2["cpu_s_per_1k"] / w1["cpu_s_per_1k"] if w1["rps"] else 0.0
+        # The CPU the load generator and upstreams left for the proxy on 2 cores.
+        w2["free_cores"] = 2.0 - w2["load_core_busy"]
         tun = row["eatun"]
         tun["rps_vs_direct"] = tun["rps"] / row["direct"]["rps"] if row["direct"]["rps"] else 0.0
         tun["rps_vs_intercepted"] = tun["rps"] / row["ea1"]["rps"] if row["ea1"]["rps"] else 0.0
@@ -754,6 +788,24 @@ def budget(res: dict[str, Any]) -> list[tuple[str, str, bool]]:
                 tun["rps_vs_intercepted"] >= want,
             )
         )
+    for w in WORKLOADS:
+        w2 = summ[w.key]["ea10kw2"]
+        lines.append(
+            (
+                f"{w.label}: --workers 2 CPU s / 1k req within 10% of 1 worker",
+                f"{(w2['cpu_vs_1worker'] - 1) * 100:+.1f}%",
+                w2["cpu_vs_1worker"] <= 1.10,
+            )
+        )
+        if w.concurrency > 1:  # one connection lives in one process: nothing to spread
+            lines.append(
+                (
+                    f"{w.label}: --workers 2 use the CPU the load leaves (busy >= 90% of free)",
+                    f"{w2['rps_vs_1worker']:.2f}x req/s; busy {w2['proxy_core_busy']:.2f}"
+                    f" of {w2['free_cores']:.2f} free",
+                    w2["proxy_core_busy"] >= 0.9 * w2["free_cores"],
+                )
+            )
     tun = summ["download"]["eatun"]
     lines.append(
         (
@@ -819,6 +871,28 @@ def markdown(res: dict[str, Any]) -> str:
             )
         out.append("")
     out += [
+        "### --workers 2 beside 1 worker (egress-auth, 10,000 rules)",
+        "",
+        "1 worker is pinned to CPU 0; the 2 workers may use CPUs 0 and 1, and share CPU 1"
+        " with the load generator and the upstreams, so they can only use what those leave."
+        " Free cores: 2 minus how busy the load side kept its core during the 2-worker run."
+        " A single connection lives in one process, so the one-connection workloads cannot"
+        " spread.",
+        "",
+        "| workload | 1 worker req/s | 2 workers req/s | ratio | CPU s / 1k: 1 | 2"
+        " | proxy busy (cores): 2 workers | free cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in WORKLOADS:
+        row = summ[w.key]
+        one, two = row["ea10k"], row["ea10kw2"]
+        out.append(
+            f"| {w.label} | {one['rps']:,.0f} | {two['rps']:,.0f} | {two['rps_vs_1worker']:.2f}x "
+            f"| {one['cpu_s_per_1k']:.3f} | {two['cpu_s_per_1k']:.3f} "
+            f"| {two['proxy_core_busy']:.2f} | {two['free_cores']:.2f} |"
+        )
+    out += [
+        "",
         "### TLS passthrough: tunnelled beside direct and intercepted",
         "",
         "`intercept: matching` relays a connection untouched when no credential rule of the"
@@ -871,6 +945,7 @@ def markdown(res: dict[str, Any]) -> str:
         ("ea1", "egress-auth, 1 rule"),
         ("ea10k", "egress-auth, 10k rules (config file)"),
         ("eatun", "egress-auth, tunnelled case (1 rule, another host)"),
+        ("ea10kw2", "egress-auth, 10k rules, --workers 2 (both processes)"),
     ):
         out.append(
             f"| {label} | {res['startup_s'][key]:.1f} | {res['rss_idle_mib'][key]['VmRSS']:.1f} "
@@ -905,9 +980,10 @@ def plot(res: dict[str, Any], path: Path) -> bool:
         print("matplotlib is not installed (pip install -e '.[bench]'): no PNG")
         return False
     summ = res["summary"]
-    colors = ["#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2"]
+    colors = ["#999999", "#4c72b0", "#55a868", "#c44e52", "#8172b2", "#937860"]
     short = {"direct": "direct", "mitmdump": "mitmdump", "ea1": "ea 1", "ea10k": "ea 10k"}
     short["eatun"] = "ea tunnel"
+    short["ea10kw2"] = "ea 10k x2"
     names = [short[c.key] for c in CASES]
     fig, axes = plt.subplots(4, len(WORKLOADS), figsize=(4.4 * len(WORKLOADS), 16))
     for j, w in enumerate(WORKLOADS):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
+import gc
 import os
 import signal
 import socket
@@ -15,6 +17,7 @@ from typing import IO
 
 import certifi
 
+from . import audit
 from .admin.api import create_app
 from .admin.auth import TOKEN_ENV as ADMIN_TOKEN_ENV
 from .admin.auth import AdminTokenError, load_admin_token
@@ -23,9 +26,12 @@ from .admin.server import bind, make_server
 from .admin.service import SourceService
 from .metrics import METRICS
 from .model.config import ConfigFile, split_host_port
+from .proxy import reuseport
 from .proxy.addon import EgressAuth, is_loopback
+from .proxy.master import ProxyMaster
 from .secrets.crypto import MasterKeyError, load_master_key
 from .secrets.store import Store, StoreError
+from .workers import WorkerError, WorkerPool
 
 # Bodies larger than this are streamed through instead of buffered: injection happens in
 # `requestheaders`, before the body, so streamed uploads get their credential too.
@@ -45,6 +51,7 @@ class RunSettings:
     certs_dir: Path
     data_dir: Path
     upstream_ca: Path | None
+    workers: int = 1
 
 
 @dataclass
@@ -120,12 +127,13 @@ def bind_or_fail(host: str, port: int, what: str) -> socket.socket:
         raise StartupError(f"cannot listen on {what} address {host}:{port}: {e.strerror}") from None
 
 
-async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> None:
+def build_proxy(settings: RunSettings, trust: str | None) -> tuple[ProxyMaster, EgressAuth]:
+    """The mitmproxy master and the egress-auth addon, as every proxy process runs them."""
     from mitmproxy import options
 
-    from .proxy.master import ProxyMaster
-
     host, port = settings.listen
+    if settings.workers > 1:
+        reuseport.enable()
     opts = options.Options(
         listen_host=host,
         listen_port=port,
@@ -134,13 +142,18 @@ async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> No
     master = ProxyMaster(opts)
     # This option belongs to an addon, so it exists only once the master has loaded them.
     opts.update(stream_large_bodies=STREAM_LARGE_BODIES)  # type: ignore[no-untyped-call]
-    trust = upstream_trust_bundle(settings.data_dir, settings.upstream_ca)
     if trust:
         opts.update(ssl_verify_upstream_trusted_ca=trust)  # type: ignore[no-untyped-call]
     addon = EgressAuth(
         config=settings.config, config_path=settings.config_path, loopback=is_loopback(host)
     )
     master.addons.add(addon)  # type: ignore[no-untyped-call]
+    return master, addon
+
+
+async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> None:
+    trust = upstream_trust_bundle(settings.data_dir, settings.upstream_ca)
+    master, addon = build_proxy(settings, trust)
     service = SourceService(res.store, addon.state)
     service.load()
     service.schedule_expiry()
@@ -150,28 +163,90 @@ async def _run(settings: RunSettings, res: Resources, announce: list[str]) -> No
     ca_path = settings.certs_dir / "mitmproxy-ca-cert.pem"
     policy = PolicyService(res.store, addon.state, settings.listen, addon.dial_ip)
     policy.load()
-    admin = make_server(create_app(service, res.admin_token, ca_path.read_bytes, policy))
+    release_freed_memory()
+    pool = None
+    if settings.workers > 1:
+        audit.STATIC["worker"] = 0
+        pool = WorkerPool(settings.workers - 1, worker_spec(settings, trust))
+        # Every change this process makes (API write, expiry, SIGHUP) reaches the others.
+        addon.state.listeners.append(pool.on_swap)
+        addon.on_reload.append(pool.forward_sighup)
+        METRICS.gauges["egress_auth_proxy_workers_ready"] = lambda: float(1 + pool.ready_count)
+    app = create_app(
+        service,
+        res.admin_token,
+        ca_path.read_bytes,
+        policy,
+        sync=pool.barrier if pool else None,
+        other_metrics=pool.counters if pool else None,
+    )
+    admin = make_server(app)
     loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
 
     def stop() -> None:
+        # master.run() starts by clearing its exit flag: a signal that arrives before it runs
+        # (while workers start) is remembered here instead.
+        stopping.set()
         admin.should_exit = True
         master.shutdown()  # type: ignore[no-untyped-call]
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    admin_task = asyncio.create_task(admin.serve(sockets=[res.admin_socket]))
-    for line in announce:
-        print(line, flush=True)
     try:
-        await master.run()
+        if pool is not None:
+            try:
+                await pool.start()
+            except WorkerError as e:
+                raise StartupError(str(e)) from None
+            announce.insert(1, f"egress-auth workers: {settings.workers} proxy processes")
+        if stopping.is_set():
+            return
+        admin_task = asyncio.create_task(admin.serve(sockets=[res.admin_socket]))
+        for line in announce:
+            print(line, flush=True)
+        try:
+            await master.run()
+        finally:
+            admin.should_exit = True
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(admin_task, 5)
     finally:
-        admin.should_exit = True
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(admin_task, 5)
+        if pool is not None:
+            await pool.stop()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that start-up freed back to the OS (glibc keeps it otherwise).
+
+    Compiling thousands of sandboxes' policies frees megabytes of temporaries; without this
+    they stay in the process's RSS for its whole life. A no-op where there is no glibc.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def worker_spec(settings: RunSettings, trust: str | None) -> dict[str, object]:
+    """What an extra proxy process needs to build the same proxy (no secrets: it reads the
+    key and the store itself, as this process did)."""
+    return {
+        "config": str(settings.config_path) if settings.config_path else None,
+        "listen": list(settings.listen),
+        "certs_dir": str(settings.certs_dir),
+        "data_dir": str(settings.data_dir),
+        "trust": trust,
+        "workers": settings.workers,
+    }
 
 
 def run(settings: RunSettings) -> None:
     host, port = settings.listen
+    if settings.workers > 1:
+        try:
+            reuseport.check()
+        except reuseport.ReusePortUnsupported as e:
+            raise StartupError(str(e)) from None
     # mitmproxy binds the proxy port itself: only check that it is free.
     bind_or_fail(host, port, "proxy").close()
     a_host, a_port = settings.admin_listen

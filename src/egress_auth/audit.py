@@ -17,6 +17,8 @@ from typing import Any
 from .metrics import METRICS
 
 logger = logging.getLogger("egress_auth.audit")
+# Fields every line of this process carries: `worker` under `run --workers N`.
+STATIC: dict[str, Any] = {}
 
 
 def setup(stream: Any = None) -> None:
@@ -64,6 +66,7 @@ class AuditEvent:
             "status": status,
             "durationMs": round((time.monotonic() - self.started) * 1000, 2),
             **self.extra,
+            **STATIC,
         }
         logger.info(json.dumps({k: v for k, v in line.items() if v is not None}))
         METRICS.inc("egress_auth_requests_total", decision=self.decision)

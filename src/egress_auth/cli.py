@@ -20,6 +20,19 @@ def _fail(message: str) -> int:
     return 1
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_WORKERS}, not {n}")
+    return n
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .app import RunSettings, StartupError, listen_of, run
     from .config import ConfigError, default_config_path, load_config
@@ -51,6 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             certs_dir=Path(args.certs_dir),
             data_dir=Path(args.data_dir),
             upstream_ca=Path(upstream_ca) if upstream_ca else None,
+            workers=args.workers,
         )
         run(settings)
     except ConfigError as e:
@@ -173,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", default=DEFAULT_DATA)
     run.add_argument("--certs-dir", default=DEFAULT_CERTS)
     run.add_argument("--upstream-ca", help="extra trusted roots for upstream servers (PEM)")
+    run.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="proxy processes sharing the listen port (SO_REUSEPORT); default 1",
+    )
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a config file without starting")

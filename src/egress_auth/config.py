@@ -1,13 +1,14 @@
 """YAML config file -> validated models, with every problem reported at its place in the file.
 
 Loading is three steps, each collecting all its problems before giving up:
-1. parse the YAML, remembering the line and column of every key and item;
+1. parse the YAML (a file with problems: remembering the line and column of every key);
 2. resolve `${env:NAME}` / `${file:PATH}` references (whole values only);
 3. validate with the pydantic models, then the cross-object checks of `policy.validate`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -220,13 +221,54 @@ def _partial_checks(data: dict[str, Any]) -> list[Problem]:
     return found
 
 
+class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """SafeLoader semantics on libyaml's parser when PyYAML has it, remembering only whether
+    some mapping repeats a key (PyYAML would silently keep the last copy)."""
+
+    duplicated = False
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [str(k.value) for k, _ in node.value]
+        if len(set(keys)) != len(keys):
+            self.duplicated = True
+        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
+
+
 def load_config_text(text: str, path: str = "<config>", base: Path | None = None) -> LoadedConfig:
-    report = ConfigReport(path)
+    """Parse and validate; every problem is reported with its line and column.
+
+    A file without problems is read once, fast, without positions: keeping the line and
+    column of every key costs seconds and hundreds of MB for a file with thousands of
+    sandboxes, and they are only needed to report a problem. A file with any problem (or
+    any warning) is read again with positions, and that second reading makes the report.
+    """
     base = base or Path.cwd()
+    loaded = _load(text, path, base, positions=False)
+    if loaded is None:
+        loaded = _load(text, path, base, positions=True)
+    assert loaded is not None  # with positions, a problem raises instead
+    return loaded
+
+
+def _load(text: str, path: str, base: Path, *, positions: bool) -> LoadedConfig | None:
+    """None: `positions` is off and there is something to report (read again with them)."""
+    report = ConfigReport(path)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text) if node is not None else {}
+        if positions:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text) if node is not None else {}
+        else:
+            loader = _FastLoader(text)
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
+            if loader.duplicated:
+                return None
+            node = None
     except yaml.YAMLError as e:
+        if not positions:
+            return None
         mark = getattr(e, "problem_mark", None)
         if mark is not None:
             report.positions[()] = (mark.line + 1, mark.column + 1)
@@ -234,19 +276,35 @@ def load_config_text(text: str, path: str = "<config>", base: Path | None = None
         raise ConfigError(report) from None
     if node is not None:
         _positions(node, (), report.positions, report.problems)
+        del node
     if data is None:
         data = {}
     if not isinstance(data, dict):
+        if not positions:
+            return None
         report.problems.append(Problem((), "the file must hold a mapping at the top level"))
         raise ConfigError(report)
     data = _resolve_refs(data, (), base, report.problems)
     try:
-        config = ConfigFile.model_validate(data)
+        if positions:
+            config = ConfigFile.model_validate(data)
+        else:
+            # Through JSON, so that no object the YAML reading made outlives it: a file with
+            # thousands of sandboxes peaks at ~100 MB while parsing, and CPython can hand
+            # that memory back only if none of it is still in use (model strings included).
+            text_json = json.dumps(data)
+            del data
+            config = ConfigFile.model_validate_json(text_json)
+            del text_json
     except ValidationError as e:
+        if not positions:
+            return None
         report.problems.extend(_pydantic_problems(e, data))
         report.problems.extend(_partial_checks(data))
         raise ConfigError(report) from None
     if report.errors:
+        if not positions:
+            return None
         raise ConfigError(report)
     # Relative paths in the file are relative to the file's folder.
     if config.proxy.upstream_ca_file and not Path(config.proxy.upstream_ca_file).is_absolute():
@@ -257,6 +315,8 @@ def load_config_text(text: str, path: str = "<config>", base: Path | None = None
     report.problems.extend(
         Problem(loc, msg, severity) for loc, msg, severity in validate_config(config)
     )
+    if report.problems and not positions:
+        return None
     if report.errors:
         raise ConfigError(report)
     return LoadedConfig(config, None, report)

@@ -10,6 +10,8 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 
+Counters = list[tuple[str, list[tuple[str, str]], int]]  # Metrics.export(), across processes
+
 _HELP = {
     "egress_auth_requests_total": ("counter", "Proxied requests by decision."),
     "egress_auth_injections_total": ("counter", "Credential injections by rule."),
@@ -40,10 +42,20 @@ class Metrics:
     def value(self, name: str, **labels: str) -> int:
         return self._counts[(name, tuple(sorted(labels.items())))]
 
-    def render(self) -> str:
+    def export(self) -> Counters:
+        """The counters as plain data, for another process to add to its own."""
+        with self._lock:
+            return [(name, list(labels), v) for (name, labels), v in self._counts.items()]
+
+    def render(self, *others: Counters) -> str:
+        """Prometheus text; `others` (other processes' `export()`s) are summed in."""
         lines: list[str] = []
         with self._lock:
-            counts = sorted(self._counts.items())
+            total = Counter(self._counts)
+        for exported in others:
+            for name, pairs, v in exported:
+                total[(name, tuple((str(k), str(x)) for k, x in pairs))] += int(v)
+        counts = sorted(total.items())
         for name, (kind, text) in _HELP.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             for (n, labels), v in counts:

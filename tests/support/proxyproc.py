@@ -33,6 +33,7 @@ class ProxyProcess:
         config: dict[str, Any],
         env: dict[str, str] | None = None,
         certs_dir: Path | None = None,
+        args: list[str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -50,6 +51,7 @@ class ProxyProcess:
         self.admin_token = "test-admin-token-" + os.urandom(8).hex()
         self.env = {**os.environ, "EGRESS_AUTH_ADMIN_TOKEN": self.admin_token, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.args = list(args or [])
 
     def write_config(self, config: dict[str, Any]) -> None:
         config = json.loads(json.dumps(config))
@@ -90,6 +92,7 @@ class ProxyProcess:
             str(self.certs_dir),
             "--data-dir",
             str(self.data_dir),
+            *self.args,
         ]
 
     def start(self, timeout: float = 20.0) -> ProxyProcess:

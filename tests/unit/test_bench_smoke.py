@@ -151,8 +151,9 @@ def test_report_from_synthetic_cells() -> None:
                         "ea1": 990.0,
                         "ea10k": 980.0,
                         "eatun": 7500.0,
+                        "ea10kw2": 1800.0,
                     }[c.key],
-                    c.key in ("ea1", "ea10k") and w.upstream == "echo",
+                    c.key in ("ea1", "ea10k", "ea10kw2") and w.upstream == "echo",
                     w.upstream == "mtls",
                     c.key != "direct",
                 )
@@ -183,7 +184,7 @@ def test_report_from_synthetic_cells() -> None:
             "sandboxes": 1000,
             "bench_sandbox": "sbx-0500",
         },
-        "startup_s": {"mitmdump": 1.0, "ea1": 1.0, "ea10k": 2.0, "eatun": 1.0},
+        "startup_s": {c: 1.0 for c in run.PROXIES},
         "rules": {"ea1": 2, "ea10k": 10_000, "eatun": 1},
         "rss_idle_mib": {c: status for c in run.PROXIES},
         "rss_end_mib": {c: status for c in run.PROXIES},
@@ -199,3 +200,5 @@ def test_report_from_synthetic_cells() -> None:
     tunnel = "10 MiB download: tunnelled >= 80% of direct throughput"
     assert lines[tunnel]  # 7500 / 9000
     assert math.isclose(summary["newconn"]["eatun"]["rps_vs_intercepted"], 7500 / 990)
+    assert "### --workers 2 beside 1 worker" in md
+    assert math.isclose(summary["newconn"]["ea10kw2"]["rps_vs_1worker"], 1800 / 980)

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..metrics import METRICS
+from ..metrics import METRICS, Counters
 from ..model.policy import SandboxNetworkPolicy, Template, TemplateReplace
 from ..model.sandboxes import (
     ExplainRequest,
@@ -111,6 +111,27 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class SyncWrites:
+    """Under `run --workers N`, answer a successful write only once every proxy process has
+    applied it: a client that got its answer may open its next connection to any of them."""
+
+    def __init__(self, app: ASGIApp, sync: Callable[[], Awaitable[bool]]) -> None:
+        self.app = app
+        self.sync = sync
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_after_sync(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] < 400:
+                await self.sync()
+            await send(message)
+
+        await self.app(scope, receive, send_after_sync)
+
+
 def _validation_details(exc: RequestValidationError) -> list[dict[str, str]]:
     # Only where and why: pydantic's `input` and `ctx` could hold the secret that was sent.
     out = []
@@ -129,6 +150,8 @@ def create_app(
     admin_token: str,
     ca_pem: Callable[[], bytes],
     policy: PolicyService,
+    sync: Callable[[], Awaitable[bool]] | None = None,
+    other_metrics: Callable[[], Awaitable[list[Counters]]] | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="egress-auth admin API",
@@ -210,10 +233,13 @@ def create_app(
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
-        return PlainTextResponse(METRICS.render(), media_type="text/plain; version=0.0.4")
+        others = await other_metrics() if other_metrics is not None else []
+        return PlainTextResponse(METRICS.render(*others), media_type="text/plain; version=0.0.4")
 
     # Added last, so it runs first: a request without the token is refused before its body
     # is even read (a malformed body must not answer 400 to a stranger).
+    if sync is not None:
+        app.add_middleware(SyncWrites, sync=sync)
     app.add_middleware(BodyLimit)
     app.add_middleware(AdminAuth, token=admin_token)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -143,6 +143,9 @@ class EgressAuth:
         self.conns: dict[str, ConnState] = {}
         self.contexts = ClientContexts()
         self.connect_to: dict[Address, Address] = {}
+        # Called on SIGHUP before this process re-reads its file (`run --workers` passes the
+        # signal on to the other proxy processes, which each read the file themselves).
+        self.on_reload: list[Callable[[], None]] = []
         audit.setup()
         if config is not None:
             self.apply(config)
@@ -177,6 +180,8 @@ class EgressAuth:
 
     def reload(self) -> None:
         """SIGHUP: re-read the file; a bad file is refused and the running policy stays."""
+        for hook in self.on_reload:
+            hook()
         if self.config_path is None:
             log.warning("SIGHUP: no config file to reload")
             return

@@ -149,23 +149,37 @@ class Store(PolicyRows):
         return Store.path_in(data_dir).exists()
 
     @classmethod
-    def open(cls, data_dir: Path, key: bytes) -> Store:
-        """Open (creating when new) the store and prove that `key` opens it."""
+    def open(cls, data_dir: Path, key: bytes, *, readonly: bool = False) -> Store:
+        """Open (creating when new) the store and prove that `key` opens it.
+
+        `readonly`: for the extra proxy processes of `run --workers`, which only read what
+        the admin API's process wrote; the store must exist, and it is never migrated.
+        """
         box = Box(key)
         path = cls.path_in(data_dir)
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
-            # Create the file 0600 before SQLite does (it would use 0644); SQLite gives the
-            # -wal and -shm files the database file's mode.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            conn = _connect(path)
+            if readonly:
+                conn = sqlite3.connect(
+                    f"file:{path}?mode=ro",
+                    uri=True,
+                    timeout=10.0,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # Create the file 0600 before SQLite does (it would use 0644); SQLite gives
+                # the -wal and -shm files the database file's mode.
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+                conn = _connect(path)
         except OSError as e:
             raise StoreError(f"cannot open the store {path}: {e.strerror}") from None
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the store {path}: {e}") from None
         store = cls(path, conn, box)
         try:
-            store._migrate()
+            if not readonly:
+                store._migrate()
             check = conn.execute("SELECT value FROM meta WHERE key = 'check'").fetchone()
             if check is None:
                 raise StoreError(f"the store {path} is damaged: it has no check value")
