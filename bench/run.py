@@ -92,7 +92,7 @@ WORKLOADS = [
         "echo",
         "keepalive",
         1,
-        path="/download",
+        path="/v1/download",
         body_bytes=DOWNLOAD_BYTES,
     ),
 ]

@@ -8,7 +8,7 @@ One process, one event loop (uvloop when installed), two listening sockets on 12
 * ``mtls``: the same, but the TLS handshake requires a client certificate issued under the
   benchmark's throwaway root.
 
-Both also answer ``GET /download`` with a fixed body of ``--download-bytes`` (10 MiB), for the
+Both also answer ``GET /v1/download`` with a fixed body of ``--download-bytes`` (10 MiB), for the
 throughput workload. Every answer carries ``X-Bench-Auth`` and ``X-Bench-Cert`` headers, so the
 load generator can check injection without reading a large body.
 
@@ -57,7 +57,7 @@ def _small(auth: bool, cert: bool) -> bytes:
 
 RESPONSES = {(a, c): _small(a, c) for a in (False, True) for c in (False, True)}
 AUTH_MARK = b"\r\nauthorization: bearer bench-"
-DOWNLOAD = b"get /download "
+DOWNLOAD = b"get /v1/download "
 # (auth, cert) -> (head, body); filled by serve() once --download-bytes is known.
 DOWNLOADS: dict[tuple[bool, bool], tuple[bytes, bytes]] = {}
 

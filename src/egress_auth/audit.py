@@ -7,30 +7,30 @@ value): an audit line can be shipped anywhere without becoming a leak.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from .metrics import METRICS
 
-logger = logging.getLogger("egress_auth.audit")
 # Fields every line of this process carries: `worker` under `run --workers N`.
 STATIC: dict[str, Any] = {}
+_out: TextIO | None = None
 
 
-def setup(stream: Any = None) -> None:
-    """Audit lines go to stdout as bare JSON, apart from mitmproxy's own log lines."""
-    if any(getattr(h, "_egress_audit", False) for h in logger.handlers):
-        return
-    handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler._egress_audit = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+def setup(stream: TextIO | None = None) -> None:
+    """Audit lines go to stdout as bare JSON, apart from mitmproxy's own log lines (stderr).
+
+    Written straight to the stream, one write and one flush per line (not through `logging`,
+    whose record machinery cost more than the rest of the line): a line is out of the
+    process when its request is done, and lines of several processes sharing one stdout do
+    not interleave mid-line.
+    """
+    global _out
+    if _out is None:
+        _out = stream or sys.stdout
 
 
 @dataclass
@@ -68,7 +68,9 @@ class AuditEvent:
             **self.extra,
             **STATIC,
         }
-        logger.info(json.dumps({k: v for k, v in line.items() if v is not None}))
+        out = _out or sys.stdout
+        out.write(json.dumps({k: v for k, v in line.items() if v is not None}) + "\n")
+        out.flush()
         METRICS.inc("egress_auth_requests_total", decision=self.decision)
         if self.decision == "injected" and self.credential_rule:
             METRICS.inc("egress_auth_injections_total", rule=self.credential_rule)

@@ -83,7 +83,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Any:
         ("echo", "keepalive", 2, "/v1/bench"),
         ("echo", "newconn", 2, "/v1/bench"),
         ("mtls", "newconn", 2, "/v1/bench"),
-        ("echo", "keepalive", 1, "/download"),
+        ("echo", "keepalive", 1, "/v1/download"),
     ],
 )
 def test_loadgen_direct(
@@ -113,7 +113,7 @@ def test_loadgen_direct(
     if upstream_name == "mtls":
         assert res["cert_true"] == res["requests"]
     assert res["cpu_s"]["upstream"] >= 0
-    if path == "/download":
+    if path == "/v1/download":
         # Every counted response was a whole download: the load generator read exactly
         # Content-Length bytes per response, or the next response's head would not parse.
         assert res["body_bytes"] == res["completed"] * DOWNLOAD_BYTES
