@@ -93,6 +93,23 @@ class Ctx:
     def url(self, sandbox: str, token: str) -> str:
         return f"http://{sandbox}:{token}@127.0.0.1:{self.proxy.port}"
 
+    def sandbox(self, sandbox_id: str, rule: str, source: str, secret: str | None = None) -> str:
+        """Create (with `secret`: the source too) a sandbox whose rule injects `source`; the
+        proxy URL with its token."""
+        with self.proxy.admin() as a:
+            if secret is not None:
+                body = headers_source(source, secret)
+                envelope_ok(a.post("/api/v1/credential-sources", json=body), 201)
+            net = {
+                "egress": {
+                    "credentialRules": [{"name": rule, "credentialRef": "tok", "domains": [HOST]}]
+                },
+                "credentialBindings": [_binding(source)],
+            }
+            body = {"id": sandbox_id, "template": "base", "network": net}
+            made = envelope_ok(a.post("/api/v1/sandboxes", json=body), 201)
+        return self.url(sandbox_id, made["token"])
+
     def workers_seen(self, since: int) -> set[int]:
         return {line.get("worker", -1) for line in self.proxy.audit_lines()[since:]}
 
@@ -132,21 +149,9 @@ def test_start_announces_and_runs_two_processes(ctx: Ctx) -> None:
 
 
 def test_api_writes_reach_every_process_before_the_answer(ctx: Ctx) -> None:
-    with ctx.proxy.admin() as a:
-        envelope_ok(a.post("/api/v1/credential-sources", json=headers_source("wk", SECRET_1)), 201)
-        net = {
-            "egress": {
-                "credentialRules": [{"name": "api", "credentialRef": "tok", "domains": [HOST]}]
-            },
-            "credentialBindings": [_binding("wk")],
-        }
-        made = envelope_ok(
-            a.post("/api/v1/sandboxes", json={"id": "wk-a", "template": "base", "network": net}),
-            201,
-        )
+    url = ctx.sandbox("wk-a", "api", "wk", SECRET_1)
     # No wait: the answer came after both processes applied the write.
     since = len(ctx.proxy.audit_lines())
-    url = ctx.url("wk-a", made["token"])
     responses = ctx.get_each_new(url)
     assert [r.status_code for r in responses] == [200] * N
     assert [r.json()["headers"].get("authorization") for r in responses] == [
@@ -179,20 +184,9 @@ def test_api_writes_reach_every_process_before_the_answer(ctx: Ctx) -> None:
 
 
 def test_metrics_sum_every_process(ctx: Ctx) -> None:
-    with ctx.proxy.admin() as a:
-        envelope_ok(a.post("/api/v1/credential-sources", json=headers_source("wm", SECRET_3)), 201)
-        net = {
-            "egress": {
-                "credentialRules": [{"name": "metered", "credentialRef": "tok", "domains": [HOST]}]
-            },
-            "credentialBindings": [_binding("wm")],
-        }
-        made = envelope_ok(
-            a.post("/api/v1/sandboxes", json={"id": "wk-m", "template": "base", "network": net}),
-            201,
-        )
+    url = ctx.sandbox("wk-m", "metered", "wm", SECRET_3)
     since = len(ctx.proxy.audit_lines())
-    responses = ctx.get_each_new(ctx.url("wk-m", made["token"]))
+    responses = ctx.get_each_new(url)
     assert all(r.status_code == 200 for r in responses)
     assert ctx.workers_seen(since) == {0, 1}
     with ctx.proxy.admin() as a:
@@ -219,20 +213,11 @@ def test_a_killed_worker_is_started_again(ctx: Ctx) -> None:
 
     _wait(ready, 30, "the new worker to be ready")
     assert "proxy worker 1 exited" in ctx.proxy.output()
-    # The new process has the store's state: a sandbox created before it started works in it.
-    with ctx.proxy.admin() as a:
-        net = {
-            "egress": {
-                "credentialRules": [{"name": "after", "credentialRef": "tok", "domains": [HOST]}]
-            },
-            "credentialBindings": [_binding("wm")],
-        }
-        made = envelope_ok(
-            a.post("/api/v1/sandboxes", json={"id": "wk-r", "template": "base", "network": net}),
-            201,
-        )
+    # The new process read the store when it started (the source "wm" was created before)
+    # and follows it since (the sandbox is created now).
+    url = ctx.sandbox("wk-r", "after", "wm")
     since = len(ctx.proxy.audit_lines())
-    responses = ctx.get_each_new(ctx.url("wk-r", made["token"]))
+    responses = ctx.get_each_new(url)
     assert {r.json()["headers"].get("authorization") for r in responses} == {f"Bearer {SECRET_3}"}
     assert ctx.workers_seen(since) == {0, 1}
 
