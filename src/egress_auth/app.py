@@ -27,7 +27,8 @@ from .admin.service import SourceService
 from .metrics import METRICS
 from .model.config import ConfigFile, split_host_port
 from .proxy import reuseport
-from .proxy.addon import EgressAuth, is_loopback
+from .proxy.addon import EgressAuth
+from .proxy.conn import is_loopback
 from .proxy.master import ProxyMaster
 from .secrets.crypto import MasterKeyError, load_master_key
 from .secrets.store import Store, StoreError

@@ -10,15 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import logging
 import signal
-import socket
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mitmproxy import connection, ctx, http, tls
 from mitmproxy.addonmanager import Loader
@@ -32,7 +28,6 @@ from ..policy.compile import CompiledPolicy, Snapshot
 from ..policy.domains import normalize_host
 from ..policy.match import (
     RequestFacts,
-    TlsSelection,
     check_traffic,
     could_match,
     parse_query,
@@ -42,61 +37,26 @@ from ..policy.paths import normalize_path, split_target
 from ..policy.verdict import verdict
 from ..state import LiveState
 from . import answers
+from .conn import (
+    Address,
+    ConnState,
+    close_after,
+    connect_event,
+    header_map,
+    is_ip,
+    is_loopback,
+    resolve,
+)
 from .identity import Identity, Unauthenticated, identify, still_valid
-from .passthrough import TunnelStats, close_tunnel, watch_tunnel
-from .tls import ClientContexts, UpstreamWatch, watch_connection
+from .passthrough import close_tunnel, watch_tunnel
+from .tls import ClientContexts, watch_connection
 
 log = logging.getLogger("egress_auth")
-
-Address = tuple[str, int]
 
 # How long the first request on a TLS 1.3 connection may wait for an upstream that asked
 # for a client certificate to accept or refuse it (one round trip; bounded for servers
 # that send no session ticket).
 VERDICT_WAIT = 1.0
-
-
-@dataclass
-class ConnState:
-    """What one client connection asked for and what the proxy decided for it."""
-
-    identity: Identity
-    host: str  # the CONNECT target, normalised
-    port: int
-    dial: Address | None  # pinned address (after connectTo and DNS), None if unresolved
-    traffic_rule: str | None = None
-    tls: TlsSelection | None = None
-    tls_error: str | None = None  # upstream TLS failure seen on this connection
-    refused: str | None = None
-    upstream: UpstreamWatch | None = None
-    tunnel: bool = False
-    passthrough: TunnelStats | None = None  # set when the connection is relayed untouched
-    client: connection.Client | None = None
-    closed_by: str | None = None
-    fresh_at: int = -1  # the snapshot generation this connection was last found current in
-    plain_dials: dict[Address, Address] = field(default_factory=dict)
-
-    @property
-    def sandbox(self) -> str:
-        return self.identity.sandbox
-
-    @property
-    def dial_ip(self) -> str | None:
-        return self.dial[0] if self.dial else None
-
-
-async def resolve(host: str, port: int) -> str | None:
-    """The address the proxy will dial for host; checked by CIDR rules, then pinned."""
-    try:
-        ipaddress.ip_address(host)
-        return host
-    except ValueError:
-        pass
-    try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return None
-    return str(infos[0][4][0]) if infos else None
 
 
 def _fail_closed_flow(
@@ -268,7 +228,7 @@ class EgressAuth:
             )
         except Unauthenticated as e:
             flow.response = answers.proxy_auth_required(str(e))
-            _close_after(flow)  # a plain-http client's upstream connections go with it
+            close_after(flow)  # a plain-http client's upstream connections go with it
             audit.AuditEvent(
                 sandbox="",
                 method=flow.request.method,
@@ -336,7 +296,7 @@ class EgressAuth:
         dial = st.dial if st.tunnel else st.plain_dials.get(data.server.address)
         if dial is not None:
             data.server.address = dial
-        if st.tunnel and data.server.sni is None and not _is_ip(st.host):
+        if st.tunnel and data.server.sni is None and not is_ip(st.host):
             # Verify the upstream against the name the client asked for, not the pinned IP.
             data.server.sni = st.host
 
@@ -355,7 +315,7 @@ class EgressAuth:
                 # the target, so a different name inside could borrow its credentials.
                 st.refused = "TLS server name does not match the CONNECT target"
                 data.establish_server_tls_first = False
-                _connect_event(st, "denied", reason="sni_mismatch").emit(None)
+                connect_event(st, "denied", reason="sni_mismatch").emit(None)
                 return
         if self._intercepts(st):
             return
@@ -445,7 +405,7 @@ class EgressAuth:
             extra: dict[str, object] = {}
             if stats.counted:
                 extra = {"bytesUp": stats.bytes_up, "bytesDown": stats.bytes_down}
-            _connect_event(
+            connect_event(
                 st,
                 "tunnelled",
                 traffic_rule=st.traffic_rule,
@@ -470,7 +430,7 @@ class EgressAuth:
             # Deleted or re-keyed while this connection stayed open.
             flow.response = answers.proxy_auth_required("the sandbox was revoked")
             self._event(st, flow, "", "denied", reason="proxy_auth").emit(407)
-            _close_after(flow)  # and its upstream connection with it
+            close_after(flow)  # and its upstream connection with it
             return
         raw_path, query = split_target(flow.request.path)
         path = normalize_path(raw_path)
@@ -481,7 +441,7 @@ class EgressAuth:
             method=flow.request.method,
             path=path,
             query=parse_query(query),
-            headers=_header_map(flow.request.headers),
+            headers=header_map(flow.request.headers),
         )
         await self._upstream_verdict(st)
         v = verdict(snap, st.sandbox, facts, st.dial_ip, self.clock(), st.tls)
@@ -498,7 +458,7 @@ class EgressAuth:
             )
             self._refuse(flow, ev, denial)
             if st.tunnel:
-                _close_after(flow)  # this tunnel's host is no longer allowed at all
+                close_after(flow)  # this tunnel's host is no longer allowed at all
             return
         connection_level = st.tls is not None and v.resolution is st.tls.resolution
         if v.decision == "failed-closed" and connection_level:
@@ -554,7 +514,7 @@ class EgressAuth:
             # Re-scoped so that this host is denied, or the client certificate rotated or
             # removed: let this response finish, then close, so the next request opens a
             # connection under the new policy.
-            _close_after(flow)
+            close_after(flow)
 
     def _stale(self, st: ConnState) -> bool:
         """Whether what this connection was opened under no longer holds: its host is no
@@ -597,51 +557,3 @@ class EgressAuth:
         if isinstance(ev, audit.AuditEvent):
             ev.reason = ev.reason or "upstream_error"
             ev.emit(502)
-
-
-def _connect_event(st: ConnState, decision: str, **kw: Any) -> audit.AuditEvent:
-    """An audit event about a whole connection (not one request in it)."""
-    return audit.AuditEvent(
-        sandbox=st.sandbox,
-        method="CONNECT",
-        host=st.host,
-        port=st.port,
-        path="",
-        decision=decision,
-        **kw,
-    )
-
-
-def _close_after(flow: http.HTTPFlow) -> None:
-    """Close the client connection (and with it its upstream ones) after this response.
-
-    HTTP/2 has no per-response close: such a connection stays until the client ends it,
-    though every request on it is still checked against the current snapshot.
-    """
-    if flow.response is not None and flow.request.http_version.startswith("HTTP/1"):
-        flow.response.headers["Connection"] = "close"
-
-
-def is_loopback(host: str) -> bool:
-    if host in ("", "localhost"):
-        # mitmproxy's "" means every address: not loopback.
-        return host == "localhost"
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _header_map(headers: http.Headers) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for name, value in headers.items(multi=True):  # type: ignore[no-untyped-call]
-        out.setdefault(name.lower(), []).append(value)
-    return out
