@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.support.pki import Issued, TestPKI
+from tests.support.policies import credential_rule, header_binding
 from tests.support.proxyproc import ProxyProcess
 from tests.support.upstreams import EchoServer, H2EchoServer
 
@@ -90,21 +91,6 @@ class Env:
         return server.seen.snapshot()[n:]
 
 
-def _headers_binding(ref: str, source: str, header: str, template: str) -> dict[str, Any]:
-    return {
-        "ref": ref,
-        "sourceRef": source,
-        "projection": {
-            "type": "http_headers",
-            "httpHeaders": {"headers": [{"name": header, "valueTemplate": template}]},
-        },
-    }
-
-
-def _rule(name: str, ref: str, domains: list[str], **kw: Any) -> dict[str, Any]:
-    return {"name": name, "credentialRef": ref, "domains": domains, **kw}
-
-
 def build_config(
     pki: TestPKI,
     echo: EchoServer,
@@ -136,50 +122,52 @@ def build_config(
         }
 
     rules = [
-        _rule(
+        credential_rule(
             "api-v1",
             "bearer",
             ["api.example.test"],
             httpMatch={"methods": ["GET", "POST", "PUT", "TRACE"], "pathPrefixes": ["/v1/"]},
         ),
-        _rule(
+        credential_rule(
             "api-search",
             "bearer",
             ["api.example.test"],
             httpMatch={"paths": ["/search"], "query": [{"name": "scope", "values": ["repo"]}]},
         ),
-        _rule(
+        credential_rule(
             "api-hdr",
             "bearer",
             ["api.example.test"],
             httpMatch={"paths": ["/hdr"], "headers": [{"name": "X-Want-Auth", "values": ["yes"]}]},
         ),
-        _rule(
+        credential_rule(
             "api-plain",
             "bearer",
             ["api.example.test"],
             protocol="http",
             httpMatch={"pathPrefixes": ["/plain-ok/"]},
         ),
-        _rule("basic", "basic", ["basic.example.test"]),
-        _rule("wild", "wild-key", ["*.wild.example.test"]),
-        _rule("ws", "bearer", ["ws.example.test"]),
-        _rule("h2", "bearer", ["h2.example.test"]),
-        _rule("closed", "missing-src", ["closed.example.test"]),
-        _rule("open", "missing-src", ["open.example.test"], failurePolicy="fail-open"),
-        _rule("expired", "expired", ["expired.example.test"]),
-        _rule("disabled", "bearer", ["disabled.example.test"], rollout="disabled"),
-        _rule("mtls", "cert", ["mtls13.example.test", "mtls12.example.test"]),
-        _rule("wrongcert", "wrong-cert", ["wrongcert13.example.test", "wrongcert12.example.test"]),
-        _rule(
+        credential_rule("basic", "basic", ["basic.example.test"]),
+        credential_rule("wild", "wild-key", ["*.wild.example.test"]),
+        credential_rule("ws", "bearer", ["ws.example.test"]),
+        credential_rule("h2", "bearer", ["h2.example.test"]),
+        credential_rule("closed", "missing-src", ["closed.example.test"]),
+        credential_rule("open", "missing-src", ["open.example.test"], failurePolicy="fail-open"),
+        credential_rule("expired", "expired", ["expired.example.test"]),
+        credential_rule("disabled", "bearer", ["disabled.example.test"], rollout="disabled"),
+        credential_rule("mtls", "cert", ["mtls13.example.test", "mtls12.example.test"]),
+        credential_rule(
+            "wrongcert", "wrong-cert", ["wrongcert13.example.test", "wrongcert12.example.test"]
+        ),
+        credential_rule(
             "mtlsclosed", "missing-cert", ["mtlsclosed13.example.test", "mtlsclosed12.example.test"]
         ),
     ]
     bindings = [
-        _headers_binding("bearer", "bearer-src", "Authorization", "Bearer {{ .token }}"),
-        _headers_binding("wild-key", "wild-src", "X-Api-Key", "{{token}}"),
-        _headers_binding("missing-src", "not-created-yet", "Authorization", "Bearer {{ .token }}"),
-        _headers_binding("expired", "expired-src", "Authorization", "Bearer {{ .token }}"),
+        header_binding("bearer", "bearer-src", "Authorization", "Bearer {{ .token }}"),
+        header_binding("wild-key", "wild-src", "X-Api-Key", "{{token}}"),
+        header_binding("missing-src", "not-created-yet", "Authorization", "Bearer {{ .token }}"),
+        header_binding("expired", "expired-src", "Authorization", "Bearer {{ .token }}"),
         {"ref": "basic", "sourceRef": "basic-src", "projection": {"type": "username_password"}},
         {"ref": "cert", "sourceRef": "cert-src", "projection": {"type": "tls_client_certificate"}},
         {

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.support.pki import Issued, TestPKI
+from tests.support.policies import header_binding
 from tests.support.proxyproc import ProxyProcess
 from tests.support.upstreams import EchoServer
 
@@ -50,18 +51,6 @@ def admin_config(pki: TestPKI, echo: EchoServer, mtls: EchoServer) -> dict[str, 
     connect_to = {f"{h}:443": f"127.0.0.1:{echo.port}" for h in hosts}
     connect_to["mtls.example.test:443"] = f"127.0.0.1:{mtls.port}"
 
-    def bearer(ref: str, source: str) -> dict[str, Any]:
-        return {
-            "ref": ref,
-            "sourceRef": source,
-            "projection": {
-                "type": "http_headers",
-                "httpHeaders": {
-                    "headers": [{"name": "Authorization", "valueTemplate": "Bearer {{ .token }}"}]
-                },
-            },
-        }
-
     return {
         "proxy": {
             "upstreamCaFile": str(pki.root_pem_path),
@@ -99,8 +88,8 @@ def admin_config(pki: TestPKI, echo: EchoServer, mtls: EchoServer) -> dict[str, 
                             ]
                         },
                         "credentialBindings": [
-                            bearer("api", "api-token"),
-                            bearer("declared", "declared-src"),
+                            header_binding("api", "api-token"),
+                            header_binding("declared", "declared-src"),
                             {
                                 "ref": "basic",
                                 "sourceRef": "api-basic",

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.support.pki import Issued, TestPKI
+from tests.support.policies import credential_rule, header_binding
 from tests.support.proxyproc import ProxyProcess
 from tests.support.upstreams import EchoServer, Seen
 
@@ -57,21 +58,6 @@ PLAIN_HOSTS = ["api.example.test", "plain.example.test"]
 MTLS_HOSTS = ["mtls.example.test", "mtlsclosed.example.test"]
 
 
-def _headers_binding(ref: str, source: str, header: str, template: str) -> dict[str, Any]:
-    return {
-        "ref": ref,
-        "sourceRef": source,
-        "projection": {
-            "type": "http_headers",
-            "httpHeaders": {"headers": [{"name": header, "valueTemplate": template}]},
-        },
-    }
-
-
-def _rule(name: str, ref: str, domains: list[str], **kw: Any) -> dict[str, Any]:
-    return {"name": name, "credentialRef": ref, "domains": domains, **kw}
-
-
 def _headers_source(name: str, token: str, **extra: Any) -> dict[str, Any]:
     return {
         "name": name,
@@ -92,56 +78,56 @@ def build_config(
     connect_to.update({f"{h}:443": f"127.0.0.1:{mtls.port}" for h in MTLS_HOSTS})
     past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
     rules = [
-        _rule(
+        credential_rule(
             "api-v1",
             "bearer",
             ["api.example.test"],
             httpMatch={"methods": ["GET", "POST", "TRACE"], "pathPrefixes": ["/v1/"]},
         ),
-        _rule(
+        credential_rule(
             "api-search",
             "bearer",
             ["api.example.test"],
             httpMatch={"paths": ["/search"], "query": [{"name": "scope", "values": ["repo"]}]},
         ),
-        _rule(
+        credential_rule(
             "api-hdr",
             "bearer",
             ["api.example.test"],
             httpMatch={"paths": ["/hdr"], "headers": [{"name": "X-Want-Auth", "values": ["yes"]}]},
         ),
-        _rule(
+        credential_rule(
             "api-nodebug",
             "bearer",
             ["api.example.test"],
             httpMatch={"paths": ["/nodebug"], "query": [{"name": "debug", "present": False}]},
         ),
-        _rule(
+        credential_rule(
             "plain-http",
             "bearer",
             ["plain.example.test"],
             protocol="http",
             httpMatch={"pathPrefixes": ["/p/"]},
         ),
-        _rule("wild", "wild-key", ["*.wild.example.test"]),
-        _rule("closed", "missing", ["closed.example.test"]),
-        _rule("open", "missing", ["open.example.test"], failurePolicy="fail-open"),
-        _rule("expired", "expired", ["expired.example.test"]),
-        _rule("dis-first", "bearer", ["disabled.example.test"], rollout="disabled"),
-        _rule("dis-fallback", "wild-key", ["disabled.example.test"]),
-        _rule("rotated", "rot", ["rotated.example.test"]),
-        _rule("allowed", "bearer", ["allowed.example.test"]),
-        _rule("cidr-host", "bearer", ["cidr.example.test"], ports=[{"port": 8443}]),
-        _rule("idn", "bearer", ["bücher.example.test"]),
-        _rule("mtls", "cert", ["mtls.example.test"]),
-        _rule("mtls-closed", "missing-cert", ["mtlsclosed.example.test"]),
+        credential_rule("wild", "wild-key", ["*.wild.example.test"]),
+        credential_rule("closed", "missing", ["closed.example.test"]),
+        credential_rule("open", "missing", ["open.example.test"], failurePolicy="fail-open"),
+        credential_rule("expired", "expired", ["expired.example.test"]),
+        credential_rule("dis-first", "bearer", ["disabled.example.test"], rollout="disabled"),
+        credential_rule("dis-fallback", "wild-key", ["disabled.example.test"]),
+        credential_rule("rotated", "rot", ["rotated.example.test"]),
+        credential_rule("allowed", "bearer", ["allowed.example.test"]),
+        credential_rule("cidr-host", "bearer", ["cidr.example.test"], ports=[{"port": 8443}]),
+        credential_rule("idn", "bearer", ["bücher.example.test"]),
+        credential_rule("mtls", "cert", ["mtls.example.test"]),
+        credential_rule("mtls-closed", "missing-cert", ["mtlsclosed.example.test"]),
     ]
     bindings = [
-        _headers_binding("bearer", "bearer-src", "Authorization", "Bearer {{ .token }}"),
-        _headers_binding("wild-key", "wild-src", "X-Api-Key", "{{token}}"),
-        _headers_binding("missing", "not-created", "Authorization", "Bearer {{ .token }}"),
-        _headers_binding("expired", "expired-src", "Authorization", "Bearer {{ .token }}"),
-        _headers_binding("rot", "rot-src", "Authorization", "Bearer {{ .token }}"),
+        header_binding("bearer", "bearer-src", "Authorization", "Bearer {{ .token }}"),
+        header_binding("wild-key", "wild-src", "X-Api-Key", "{{token}}"),
+        header_binding("missing", "not-created", "Authorization", "Bearer {{ .token }}"),
+        header_binding("expired", "expired-src", "Authorization", "Bearer {{ .token }}"),
+        header_binding("rot", "rot-src", "Authorization", "Bearer {{ .token }}"),
         {"ref": "cert", "sourceRef": "cert-src", "projection": {"type": "tls_client_certificate"}},
         {
             "ref": "missing-cert",
@@ -261,7 +247,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
                     "sb-override": {
                         "egress": {
                             "credentialRules": [
-                                _rule(
+                                credential_rule(
                                     "api-v1",
                                     "own",
                                     ["api.example.test"],
@@ -270,7 +256,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
                             ]
                         },
                         "credentialBindings": [
-                            _headers_binding("own", "own-src", "X-Own-Key", "{{ .token }}")
+                            header_binding("own", "own-src", "X-Own-Key", "{{ .token }}")
                         ],
                     },
                 }

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.support.pki import TestPKI
+from tests.support.policies import cert_binding, header_binding
 from tests.support.proxyproc import ProxyProcess
 from tests.support.upstreams import EchoServer, H2EchoServer, Seen
 
@@ -74,23 +75,6 @@ class Ctx:
             http1=True,
             http2=http2,
         )
-
-
-def _bearer_binding(ref: str, source: str) -> dict[str, Any]:
-    return {
-        "ref": ref,
-        "sourceRef": source,
-        "projection": {
-            "type": "http_headers",
-            "httpHeaders": {
-                "headers": [{"name": "Authorization", "valueTemplate": "Bearer {{ .token }}"}]
-            },
-        },
-    }
-
-
-def _cert_binding(ref: str, source: str) -> dict[str, Any]:
-    return {"ref": ref, "sourceRef": source, "projection": {"type": "tls_client_certificate"}}
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +132,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
                                         ]
                                     },
                                     "credentialBindings": [
-                                        _bearer_binding("key", "no-such-key"),
-                                        _cert_binding("cert", "no-such-cert"),
+                                        header_binding("key", "no-such-key"),
+                                        cert_binding("cert", "no-such-cert"),
                                     ],
                                 }
                             },
@@ -198,8 +182,8 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
                     network = {
                         "egress": egress,
                         "credentialBindings": [
-                            _bearer_binding("key", f"hdr-{sid}"),
-                            _cert_binding("cert", f"crt-{sid}"),
+                            header_binding("key", f"hdr-{sid}"),
+                            cert_binding("cert", f"crt-{sid}"),
                         ],
                     }
                     data = envelope_ok(

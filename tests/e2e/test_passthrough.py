@@ -6,12 +6,12 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from cryptography import x509
 
 from tests.support.pki import TestPKI
+from tests.support.policies import header_binding
 from tests.support.proxyproc import ProxyProcess
 from tests.support.upstreams import EchoServer
 
@@ -21,19 +21,6 @@ pytestmark = pytest.mark.e2e
 
 TOKEN = "pt_tok_Hh33Jj44"
 HOSTS = ["ruled.example.test", "free.example.test", "later.example.test", "blocked.example.test"]
-
-
-def _binding(ref: str, source: str) -> dict[str, Any]:
-    return {
-        "ref": ref,
-        "sourceRef": source,
-        "projection": {
-            "type": "http_headers",
-            "httpHeaders": {
-                "headers": [{"name": "Authorization", "valueTemplate": "Bearer {{ .token }}"}]
-            },
-        },
-    }
 
 
 class Ctx:
@@ -100,7 +87,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
                                     }
                                 ],
                             },
-                            "credentialBindings": [_binding("b", "tok")],
+                            "credentialBindings": [header_binding("b", "tok")],
                         }
                     },
                 }
@@ -197,7 +184,7 @@ def test_rule_added_through_the_api_applies_to_the_next_connection(ctx: Ctx) -> 
                                     }
                                 ]
                             },
-                            "credentialBindings": [_binding("b", "tok")],
+                            "credentialBindings": [header_binding("b", "tok")],
                         }
                     },
                 },

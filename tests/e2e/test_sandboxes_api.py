@@ -26,6 +26,7 @@ import requests
 import yaml
 
 from tests.support.pki import TestPKI
+from tests.support.policies import credential_rule, header_binding
 from tests.support.proxyproc import ProxyProcess
 from tests.support.upstreams import EchoServer
 
@@ -60,21 +61,6 @@ TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{32,}$")
 
 
 # ---- policy builders -------------------------------------------------------------------------
-
-
-def hdr_binding(ref: str, source: str, header: str, template: str) -> dict[str, Any]:
-    return {
-        "ref": ref,
-        "sourceRef": source,
-        "projection": {
-            "type": "http_headers",
-            "httpHeaders": {"headers": [{"name": header, "valueTemplate": template}]},
-        },
-    }
-
-
-def crule(name: str, ref: str, domains: list[str], **kw: Any) -> dict[str, Any]:
-    return {"name": name, "credentialRef": ref, "domains": domains, **kw}
 
 
 def trule(name: str, action: str, domains: list[str], **kw: Any) -> dict[str, Any]:
@@ -130,13 +116,15 @@ def main_config(
                     "network": network(
                         "allow-all",
                         rules=[
-                            crule("default-api", "def", ["api.example.test"], protocol="https"),
-                            crule(
+                            credential_rule(
+                                "default-api", "def", ["api.example.test"], protocol="https"
+                            ),
+                            credential_rule(
                                 "default-api-plain", "def", ["api.example.test"], protocol="http"
                             ),
                         ],
                         bindings=[
-                            hdr_binding("def", "src-default", "X-Default-Auth", "d-{{ .token }}")
+                            header_binding("def", "src-default", "X-Default-Auth", "d-{{ .token }}")
                         ],
                     )
                 },
@@ -148,8 +136,8 @@ def main_config(
                 "template": "default",
                 "token": "${env:TEST_STATIC_SANDBOX_TOKEN}",
                 "network": network(
-                    rules=[crule("static-shared", "static-b", ["shared.example.test"])],
-                    bindings=[hdr_binding("static-b", "src-b", "X-Static", "s-{{ .token }}")],
+                    rules=[credential_rule("static-shared", "static-b", ["shared.example.test"])],
+                    bindings=[header_binding("static-b", "src-b", "X-Static", "s-{{ .token }}")],
                 ),
             }
         ],
@@ -348,8 +336,8 @@ def test_templates_contract(ctx: Ctx) -> None:
     net = network(
         "block-all",
         traffic=[trule("allow-api", "allow", ["api.example.test"], ports=[{"port": 443}])],
-        rules=[crule("r1", "b1", ["api.example.test"])],
-        bindings=[hdr_binding("b1", "src-a", "X-T", "{{ .token }}")],
+        rules=[credential_rule("r1", "b1", ["api.example.test"])],
+        bindings=[header_binding("b1", "src-a", "X-T", "{{ .token }}")],
     )
     with ctx.proxy.admin() as a:
         created = envelope_ok(
@@ -382,7 +370,7 @@ def test_templates_contract(ctx: Ctx) -> None:
             "read_only",
         )
         # Invalid: a rule naming no binding, a bad mode, a bad name, a duplicate rule name.
-        bad_ref = network(rules=[crule("r1", "nope", ["api.example.test"])], bindings=[])
+        bad_ref = network(rules=[credential_rule("r1", "nope", ["api.example.test"])], bindings=[])
         err = envelope_err(
             a.post("/api/v1/templates", json={"name": "tpl-bad", "spec": {"network": bad_ref}}),
             400,
@@ -403,8 +391,11 @@ def test_templates_contract(ctx: Ctx) -> None:
             "invalid",
         )
         dup = network(
-            rules=[crule("r1", "b1", ["a.example.test"]), crule("r1", "b1", ["b.example.test"])],
-            bindings=[hdr_binding("b1", "src-a", "X-T", "{{ .token }}")],
+            rules=[
+                credential_rule("r1", "b1", ["a.example.test"]),
+                credential_rule("r1", "b1", ["b.example.test"]),
+            ],
+            bindings=[header_binding("b1", "src-a", "X-T", "{{ .token }}")],
         )
         envelope_err(
             a.post("/api/v1/templates", json={"name": "tpl-bad", "spec": {"network": dup}}),
@@ -454,7 +445,7 @@ def test_templates_contract(ctx: Ctx) -> None:
         ctx.create_sandbox("sb-tpl-user", "tpl-contract")
         # A PUT that would break a sandbox built on it (its override names the template's
         # binding) is refused, and the template stays as it was.
-        with_binding = network(bindings=[hdr_binding("tb", "src-a", "X-Tb", "{{ .token }}")])
+        with_binding = network(bindings=[header_binding("tb", "src-a", "X-Tb", "{{ .token }}")])
         envelope_ok(
             a.put("/api/v1/templates/tpl-contract", json={"spec": {"network": with_binding}}),
             200,
@@ -462,7 +453,7 @@ def test_templates_contract(ctx: Ctx) -> None:
         envelope_ok(
             a.put(
                 "/api/v1/sandboxes/sb-tpl-user/network",
-                json=network(rules=[crule("uses-tb", "tb", ["api.example.test"])]),
+                json=network(rules=[credential_rule("uses-tb", "tb", ["api.example.test"])]),
             ),
             200,
         )
@@ -490,8 +481,8 @@ def test_sandboxes_contract(ctx: Ctx) -> None:
     ctx.create_template(
         "tpl-sbx",
         network(
-            rules=[crule("shared-a", "a", ["shared.example.test"])],
-            bindings=[hdr_binding("a", "src-a", "Authorization", "Bearer {{ .token }}")],
+            rules=[credential_rule("shared-a", "a", ["shared.example.test"])],
+            bindings=[header_binding("a", "src-a", "Authorization", "Bearer {{ .token }}")],
         ),
     )
     one = ctx.create_sandbox("sb-contract", "tpl-sbx")
@@ -526,7 +517,9 @@ def test_sandboxes_contract(ctx: Ctx) -> None:
                 json={
                     "id": "sb-x",
                     "template": "tpl-sbx",
-                    "network": network(rules=[crule("r", "no-binding", ["x.example.test"])]),
+                    "network": network(
+                        rules=[credential_rule("r", "no-binding", ["x.example.test"])]
+                    ),
                 },
             ),
             400,
@@ -590,7 +583,7 @@ def test_sandboxes_contract(ctx: Ctx) -> None:
         envelope_err(
             a.put(
                 "/api/v1/sandboxes/sb-contract/network",
-                json=network(rules=[crule("r", "no-binding", ["x.example.test"])]),
+                json=network(rules=[credential_rule("r", "no-binding", ["x.example.test"])]),
             ),
             400,
             "invalid",
@@ -680,16 +673,16 @@ def test_sandboxes_contract(ctx: Ctx) -> None:
 
 
 def test_each_sandbox_gets_its_own_credentials_with_curl_httpx_and_requests(ctx: Ctx) -> None:
-    auth = [hdr_binding("auth", "src-a", "Authorization", "Bearer {{ .token }}")]
+    auth = [header_binding("auth", "src-a", "Authorization", "Bearer {{ .token }}")]
     ctx.create_template(
         "tpl-alpha",
-        network(rules=[crule("shared", "auth", ["shared.example.test"])], bindings=auth),
+        network(rules=[credential_rule("shared", "auth", ["shared.example.test"])], bindings=auth),
     )
     ctx.create_template(
         "tpl-bravo",
         network(
-            rules=[crule("shared", "auth", ["shared.example.test"])],
-            bindings=[hdr_binding("auth", "src-b", "Authorization", "Bearer {{ .token }}")],
+            rules=[credential_rule("shared", "auth", ["shared.example.test"])],
+            bindings=[header_binding("auth", "src-b", "Authorization", "Bearer {{ .token }}")],
         ),
     )
     alpha = ctx.create_sandbox("sb-alpha", "tpl-alpha")
@@ -698,7 +691,7 @@ def test_each_sandbox_gets_its_own_credentials_with_curl_httpx_and_requests(ctx:
     charlie = ctx.create_sandbox(
         "sb-charlie",
         "tpl-alpha",
-        network(bindings=[hdr_binding("auth", "src-b", "Authorization", "Token {{ .token }}")]),
+        network(bindings=[header_binding("auth", "src-b", "Authorization", "Token {{ .token }}")]),
     )
     expected = {
         "sb-alpha": (alpha, f"Bearer {SECRET_A}"),
@@ -765,8 +758,8 @@ def test_https_proxy_env_works_for_curl_requests_pip_and_git(
     ctx.create_template(
         "tpl-tools",
         network(
-            rules=[crule("tools", "tools-b", ["shared.example.test"])],
-            bindings=[hdr_binding("tools-b", "src-a", "X-Tools", "k-{{ .token }}")],
+            rules=[credential_rule("tools", "tools-b", ["shared.example.test"])],
+            bindings=[header_binding("tools-b", "src-a", "X-Tools", "k-{{ .token }}")],
         ),
     )
     sb = ctx.create_sandbox("sb-tools", "tpl-tools")
@@ -1044,8 +1037,8 @@ def test_missing_credentials_get_407_when_sandbox_auth_is_required(
 
         with proxy.admin() as a:
             req_net = network(
-                rules=[crule("req-api", "req", ["api.example.test"])],
-                bindings=[hdr_binding("req", "src-a", "X-Req", "r-{{ .token }}")],
+                rules=[credential_rule("req-api", "req", ["api.example.test"])],
+                bindings=[header_binding("req", "src-a", "X-Req", "r-{{ .token }}")],
             )
             envelope_ok(
                 a.post("/api/v1/templates", json={"name": "default", "spec": {"network": req_net}}),
@@ -1193,8 +1186,8 @@ def test_policy_changes_apply_to_a_kept_alive_tunnel(ctx: Ctx) -> None:
                 a.put(
                     "/api/v1/sandboxes/sb-late/network",
                     json=network(
-                        rules=[crule("late", "late-b", ["late.example.test"])],
-                        bindings=[hdr_binding("late-b", "src-a", "X-Late", "l-{{ .token }}")],
+                        rules=[credential_rule("late", "late-b", ["late.example.test"])],
+                        bindings=[header_binding("late-b", "src-a", "X-Late", "l-{{ .token }}")],
                     ),
                 ),
                 200,
@@ -1216,14 +1209,16 @@ def test_policy_changes_apply_to_a_kept_alive_tunnel(ctx: Ctx) -> None:
                         "spec": {
                             "network": network(
                                 rules=[
-                                    crule(
+                                    credential_rule(
                                         "tpl-rule",
                                         "tpl-b",
                                         ["late.example.test"],
                                         httpMatch={"pathPrefixes": ["/tpl/"]},
                                     )
                                 ],
-                                bindings=[hdr_binding("tpl-b", "src-b", "X-Tpl", "t-{{ .token }}")],
+                                bindings=[
+                                    header_binding("tpl-b", "src-b", "X-Tpl", "t-{{ .token }}")
+                                ],
                             )
                         }
                     },
@@ -1334,10 +1329,10 @@ def test_block_all_template_reaches_only_what_its_rules_allow(ctx: Ctx) -> None:
 
 
 def test_template_and_sandbox_overrides_merge_by_name_and_ref(ctx: Ctx) -> None:
-    x = hdr_binding("x", "src-a", "X-Merge", "x-{{ .token }}")
-    w = hdr_binding("w", "src-a", "X-W", "w-{{ .token }}")
-    w2 = hdr_binding("w", "src-b", "X-W", "w2-{{ .token }}")
-    y = hdr_binding("y", "src-b", "X-Merge", "y-{{ .token }}")
+    x = header_binding("x", "src-a", "X-Merge", "x-{{ .token }}")
+    w = header_binding("w", "src-a", "X-W", "w-{{ .token }}")
+    w2 = header_binding("w", "src-b", "X-W", "w2-{{ .token }}")
+    y = header_binding("y", "src-b", "X-Merge", "y-{{ .token }}")
     ctx.create_template(
         "tpl-merge",
         network(
@@ -1347,9 +1342,9 @@ def test_template_and_sandbox_overrides_merge_by_name_and_ref(ctx: Ctx) -> None:
                 trule("t2", "deny", ["m-d2.example.test"]),
             ],
             rules=[
-                crule("rule-a", "x", ["m-a.example.test"]),
-                crule("rule-b", "x", ["m-b.example.test"]),
-                crule("rule-w", "w", ["m-b.example.test"]),
+                credential_rule("rule-a", "x", ["m-a.example.test"]),
+                credential_rule("rule-b", "x", ["m-b.example.test"]),
+                credential_rule("rule-w", "w", ["m-b.example.test"]),
             ],
             bindings=[x, w],
         ),
@@ -1360,8 +1355,8 @@ def test_template_and_sandbox_overrides_merge_by_name_and_ref(ctx: Ctx) -> None:
             trule("t2", "allow", ["m-d2.example.test"]),
         ],
         rules=[
-            crule("rule-c", "y", ["m-c.example.test"]),
-            crule("rule-b", "y", ["m-bb.example.test"]),
+            credential_rule("rule-c", "y", ["m-c.example.test"]),
+            credential_rule("rule-b", "y", ["m-bb.example.test"]),
         ],
         bindings=[y, w2],
     )
@@ -1451,8 +1446,8 @@ def test_zz_audit_and_metrics_name_things_and_leak_nothing(ctx: Ctx) -> None:
     ctx.create_template(
         "tpl-audit",
         network(
-            rules=[crule("audit-rule", "audit-b", ["shared.example.test"])],
-            bindings=[hdr_binding("audit-b", "src-a", "X-Audit", "{{ .token }}")],
+            rules=[credential_rule("audit-rule", "audit-b", ["shared.example.test"])],
+            bindings=[header_binding("audit-b", "src-a", "X-Audit", "{{ .token }}")],
         ),
     )
     sb = ctx.create_sandbox("sb-audit", "tpl-audit")

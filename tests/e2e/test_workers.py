@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.support.pki import TestPKI
+from tests.support.policies import header_binding
 from tests.support.proxyproc import ProxyProcess, free_port
 from tests.support.upstreams import EchoServer
 
@@ -33,19 +34,6 @@ SECRET_2 = "wrk_secret_two_Ef34Gh"
 SECRET_3 = "wrk_secret_three_Ij56Kl"
 # New connections per check: with 2 processes, the chance that all land on one is 2**-23.
 N = 24
-
-
-def _binding(source: str) -> dict[str, Any]:
-    return {
-        "ref": "tok",
-        "sourceRef": source,
-        "projection": {
-            "type": "http_headers",
-            "httpHeaders": {
-                "headers": [{"name": "Authorization", "valueTemplate": "Bearer {{ .token }}"}]
-            },
-        },
-    }
 
 
 def _children(pid: int) -> list[int]:
@@ -104,7 +92,7 @@ class Ctx:
                 "egress": {
                     "credentialRules": [{"name": rule, "credentialRef": "tok", "domains": [HOST]}]
                 },
-                "credentialBindings": [_binding(source)],
+                "credentialBindings": [header_binding("tok", source)],
             }
             body = {"id": sandbox_id, "template": "base", "network": net}
             made = envelope_ok(a.post("/api/v1/sandboxes", json=body), 201)
