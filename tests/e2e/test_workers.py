@@ -122,7 +122,7 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
             yield Ctx(pki, proxy, echo)
         # Whatever the tests did, no secret reached any output of any process.
         out = proxy.output() + (base / "proxy" / "stdout.log").read_text()
-        for secret in (SECRET_1, SECRET_2, SECRET_3):
+        for secret in (SECRET_1, SECRET_2, SECRET_3, "wrk_secret_stuck_Mn78Op"):
             assert secret not in out
 
 
@@ -181,6 +181,42 @@ def test_metrics_sum_every_process(ctx: Ctx) -> None:
         text = a.get("/metrics").text
     assert f'egress_auth_injections_total{{rule="metered"}} {N}' in text
     assert SECRET_3 not in text
+
+
+def test_a_stuck_worker_delays_a_write_by_the_budget_only(ctx: Ctx) -> None:
+    """A worker that does not answer its sync (stopped) must not hang the admin API: the
+    write answers after the 1 s budget, the warning names the worker, and once it runs
+    again it catches up with the store."""
+    assert ctx.proxy.proc is not None
+    (worker,) = [p for p in _children(ctx.proxy.proc.pid) if _alive(p)]
+    url = ctx.sandbox("wk-s", "stuck", "ws", "wrk_secret_stuck_Mn78Op")
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        with ctx.proxy.admin() as a:
+            body = {
+                "resolverKind": "static_headers",
+                "spec": {"staticHeaders": {"values": {"token": "wrk_secret_stuck2_Qr90St"}}},
+            }
+            envelope_ok(a.put("/api/v1/credential-sources/ws", json=body), 200)
+        _wait(
+            lambda: "proxy workers [1] did not apply change" in ctx.proxy.output(),
+            5,
+            "the warning",
+        )
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    # Any later write answers after every process applied everything before it (the control
+    # socket is in order), so from then on the stopped worker has caught up too.
+    with ctx.proxy.admin() as a:
+        body = {"name": "after-stuck", "spec": {"network": {"mode": "allow-all"}}}
+        envelope_ok(a.post("/api/v1/templates", json=body), 201)
+    # Caught up: every new connection, in either process, gets the new value.
+    since = len(ctx.proxy.audit_lines())
+    responses = ctx.get_each_new(url)
+    assert {r.json()["headers"].get("authorization") for r in responses} == {
+        "Bearer wrk_secret_stuck2_Qr90St"
+    }
+    assert ctx.workers_seen(since) == {0, 1}
 
 
 def test_a_killed_worker_is_started_again(ctx: Ctx) -> None:
