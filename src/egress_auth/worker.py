@@ -111,6 +111,8 @@ async def _follow(
         if msg["op"] == "sync":
             stored.load()
             _send(writer, {"op": "synced", "seq": msg["seq"]})
+        elif msg["op"] == "ping":
+            _send(writer, {"op": "pong"})
         elif msg["op"] == "counters":
             _send(writer, {"op": "counters", "seq": msg["seq"], "counters": METRICS.export()})
         await writer.drain()

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -48,6 +49,11 @@ STOP_TIMEOUT = 5.0
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 MAX_LINE = 16 * 1024 * 1024  # a counters answer grows with the number of rules
+PING_INTERVAL = 2.0
+# A worker silent for this long (hung, not exited: it would keep its share of the port and
+# leave the connections the kernel hands it waiting) is killed, and so started again.
+SILENCE_ENV = "EGRESS_AUTH_WORKER_TIMEOUT"
+DEFAULT_SILENCE = 15.0
 
 
 class WorkerError(Exception):
@@ -62,6 +68,7 @@ class Worker:
     ready: asyncio.Future[None]
     acked: int = 0
     alive: bool = True
+    heard: float = field(default_factory=time.monotonic)  # when it last sent anything
     reader_task: asyncio.Task[None] | None = None
     answers: dict[int, asyncio.Future[Counters]] = field(default_factory=dict)
 
@@ -81,6 +88,7 @@ class WorkerPool:
         self._stopping = False
         self._restarts: dict[int, deque[float]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.silence = silence_limit()
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -96,6 +104,7 @@ class WorkerPool:
             raise WorkerError(
                 f"a proxy worker did not start listening within {START_TIMEOUT:.0f}s"
             ) from None
+        self._spawn_task(self._watch())
 
     async def _spawn(self, index: int) -> Worker:
         ours, theirs = socket.socketpair()
@@ -149,6 +158,7 @@ class WorkerPool:
                 line = b""
             if not line:
                 break
+            w.heard = time.monotonic()
             try:
                 msg = json.loads(line)
                 op = msg["op"]
@@ -195,9 +205,32 @@ class WorkerPool:
             return
         recent.append(now)
         log.error("proxy worker %d exited with status %s; starting it again", w.index, code)
-        task = asyncio.create_task(self._restart(w.index))
+        self._spawn_task(self._restart(w.index))
+
+    def _spawn_task(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self) -> None:
+        """Ping every ready worker; kill one that has been silent for `silence` seconds."""
+        while not self._stopping:
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if not (w.alive and _done_ok(w.ready)):
+                    continue
+                if now - w.heard > self.silence:
+                    log.error(
+                        "proxy worker %d did not answer for %.0fs; killing it",
+                        w.index,
+                        now - w.heard,
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()  # its EOF then restarts it
+                    w.heard = now  # once
+                else:
+                    w.send({"op": "ping"})
+            await asyncio.sleep(PING_INTERVAL)
 
     async def _restart(self, index: int) -> None:
         await asyncio.sleep(1.0)
@@ -270,6 +303,19 @@ class WorkerPool:
         for fut in pending:
             fut.cancel()
         return [f.result() for f in done if not f.cancelled()]
+
+
+def silence_limit() -> float:
+    raw = os.environ.get(SILENCE_ENV)
+    try:
+        value = float(raw) if raw else DEFAULT_SILENCE
+    except ValueError:
+        log.warning(
+            "%s=%r is not a number of seconds; using %.0f", SILENCE_ENV, raw, DEFAULT_SILENCE
+        )
+        value = DEFAULT_SILENCE
+    # Below a few ping intervals a busy but healthy worker would be killed.
+    return max(value, 3 * PING_INTERVAL)
 
 
 def _done_ok(fut: asyncio.Future[None]) -> bool:

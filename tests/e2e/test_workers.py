@@ -32,6 +32,7 @@ HOST = "api.workers.test"
 SECRET_1 = "wrk_secret_one_Ab12Cd"
 SECRET_2 = "wrk_secret_two_Ef34Gh"
 SECRET_3 = "wrk_secret_three_Ij56Kl"
+SILENCE = 6  # seconds a worker may go silent before it is replaced (the smallest allowed)
 # New connections per check: with 2 processes, the chance that all land on one is 2**-23.
 N = 24
 
@@ -117,7 +118,12 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
             },
             "templates": [{"name": "base", "spec": {"network": {"mode": "allow-all"}}}],
         }
-        proxy = ProxyProcess(base / "proxy", config, args=["--workers", "2"])
+        proxy = ProxyProcess(
+            base / "proxy",
+            config,
+            args=["--workers", "2"],
+            env={"EGRESS_AUTH_WORKER_TIMEOUT": str(SILENCE)},
+        )
         with proxy:
             yield Ctx(pki, proxy, echo)
         # Whatever the tests did, no secret reached any output of any process.
@@ -216,6 +222,28 @@ def test_a_stuck_worker_delays_a_write_by_the_budget_only(ctx: Ctx) -> None:
     assert {r.json()["headers"].get("authorization") for r in responses} == {
         "Bearer wrk_secret_stuck2_Qr90St"
     }
+    assert ctx.workers_seen(since) == {0, 1}
+
+
+def test_a_hung_worker_is_replaced(ctx: Ctx) -> None:
+    """Stopped (not exited), a worker would keep its share of the port and leave connections
+    waiting: after SILENCE seconds without an answer it is killed and started again."""
+    assert ctx.proxy.proc is not None
+    (hung,) = [p for p in _children(ctx.proxy.proc.pid) if _alive(p)]
+    os.kill(hung, signal.SIGSTOP)
+    _wait(lambda: not _alive(hung), SILENCE + 10, "the hung worker to be killed")
+    assert "proxy worker 1 did not answer for" in ctx.proxy.output()
+
+    def ready() -> bool:
+        with ctx.proxy.admin() as a:
+            return "egress_auth_proxy_workers_ready 2.0" in a.get("/metrics").text
+
+    _wait(ready, 30, "a new worker to be ready")
+    (new,) = [p for p in _children(ctx.proxy.proc.pid) if _alive(p)]
+    assert new != hung
+    since = len(ctx.proxy.audit_lines())
+    responses = ctx.get_each_new(ctx.sandbox("wk-h", "hung", "wm"))
+    assert {r.json()["headers"].get("authorization") for r in responses} == {f"Bearer {SECRET_3}"}
     assert ctx.workers_seen(since) == {0, 1}
 
 
