@@ -11,6 +11,8 @@ Each extra process gets a control socket (a socketpair; JSON lines):
     worker -> here   {"op": "synced", "seq": n}
     here -> worker   {"op": "counters", "seq": n}   its metrics counters, for /metrics
     worker -> here   {"op": "counters", "seq": n, "counters": [...]}
+    here -> worker   {"op": "ping"}                 every PING_INTERVAL seconds
+    worker -> here   {"op": "pong"}
 
 Every snapshot swap here (an admin API write, an expiry purge, a SIGHUP reload) sends one
 `sync`. The admin API answers a write only after every ready worker acknowledged the sync that
@@ -19,7 +21,9 @@ the kernel hands its next connection to. No secret crosses the socket: a worker 
 store, with the master key, itself.
 
 A worker that exits unexpectedly is started again (at most `MAX_RESTARTS` times within
-`RESTART_WINDOW` seconds); its socket's EOF is how this side notices. When this process dies,
+`RESTART_WINDOW` seconds); its socket's EOF is how this side notices. A worker that sends
+nothing for `EGRESS_AUTH_WORKER_TIMEOUT` seconds (hung: it would still hold its share of the
+port) is killed, which then starts it again. When this process dies,
 the workers see EOF on their end and stop.
 """
 
