@@ -8,6 +8,7 @@ import ctypes
 import errno
 import fcntl
 import gc
+import logging
 import os
 import signal
 import socket
@@ -26,7 +27,7 @@ from .admin.server import bind, make_server
 from .admin.service import SourceService
 from .metrics import METRICS
 from .model.config import ConfigFile, split_host_port
-from .proxy import reuseport
+from .proxy import listener
 from .proxy.addon import EgressAuth
 from .proxy.conn import is_loopback
 from .proxy.master import ProxyMaster
@@ -37,6 +38,9 @@ from .workers import WorkerError, WorkerPool
 # Bodies larger than this are streamed through instead of buffered: injection happens in
 # `requestheaders`, before the body, so streamed uploads get their credential too.
 STREAM_LARGE_BODIES = "1m"
+
+
+log = logging.getLogger("egress_auth")
 
 
 class StartupError(Exception):
@@ -133,8 +137,6 @@ def build_proxy(settings: RunSettings, trust: str | None) -> tuple[ProxyMaster, 
     from mitmproxy import options
 
     host, port = settings.listen
-    if settings.workers > 1:
-        reuseport.enable()
     opts = options.Options(
         listen_host=host,
         listen_port=port,
@@ -149,6 +151,12 @@ def build_proxy(settings: RunSettings, trust: str | None) -> tuple[ProxyMaster, 
         config=settings.config, config_path=settings.config_path, loopback=is_loopback(host)
     )
     master.addons.add(addon)  # type: ignore[no-untyped-call]
+    try:
+        listener.install(addon, reuse_port=settings.workers > 1)
+    except listener.ListenerUnsupported as e:
+        if settings.workers > 1:  # `run` checked this before starting anything
+            raise StartupError(str(e)) from None
+        log.warning("%s: tunnels are relayed by mitmproxy itself", e)
     return master, addon
 
 
@@ -245,8 +253,8 @@ def run(settings: RunSettings) -> None:
     host, port = settings.listen
     if settings.workers > 1:
         try:
-            reuseport.check()
-        except reuseport.ReusePortUnsupported as e:
+            listener.check()
+        except listener.ListenerUnsupported as e:
             raise StartupError(str(e)) from None
     # mitmproxy binds the proxy port itself: only check that it is free.
     bind_or_fail(host, port, "proxy").close()

@@ -3,6 +3,7 @@
 * :class:`EchoServer` - stdlib threaded HTTP/1.1 (optionally TLS, optionally mTLS) that
   records every request and echoes what it saw as JSON; also echoes WebSocket frames.
 * :class:`H2EchoServer` - hypercorn (HTTP/2 + HTTP/1.1 via ALPN) with the same echo.
+* :class:`TcpEchoServer` - plain TCP echo, optionally with a banner sent first.
 
 Both bind an ephemeral port, run in daemon threads, and stop within a bounded time so a
 misbehaving proxy under test can never hang the suite.
@@ -42,6 +43,7 @@ __all__ = [
     "H2EchoServer",
     "Recorder",
     "Seen",
+    "TcpEchoServer",
     "wait_port",
 ]
 
@@ -815,3 +817,48 @@ class H2EchoServer:
                     await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
             elif kind == "websocket.disconnect":
                 return
+
+
+class TcpEchoServer:
+    """Plain TCP on 127.0.0.1: echoes every byte back, half-closes after the client does.
+
+    With ``banner``, it first sends that line unasked, as SMTP or SSH servers do, so a test
+    can check that a proxy relays a server that speaks first.
+    """
+
+    def __init__(self, banner: bytes = b"") -> None:
+        self.banner = banner
+        self.host = HOST
+        self._sock = socket.create_server((HOST, 0))
+        self._sock.settimeout(0.05)
+        self.port: int = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="tcp-echo", daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(IO_TIMEOUT)
+        with conn, contextlib.suppress(OSError):
+            if self.banner:
+                conn.sendall(self.banner)
+            while chunk := conn.recv(READ_CHUNK):
+                conn.sendall(chunk)
+            conn.shutdown(socket.SHUT_WR)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sock.close()

@@ -323,8 +323,10 @@ class EgressAuth:
         # client then talks TLS with the upstream itself (its own certificate, pinning and
         # all); traffic policy was already checked on the CONNECT.
         data.ignore_connection = True
-        st.passthrough = watch_tunnel(data.context.client, data.context.server)
-        st.client = data.context.client
+        client = data.context.client
+        st.passthrough = watch_tunnel(client, data.context.server)
+        st.client = client
+        st.close = functools.partial(close_tunnel, client)
 
     def _intercepts(self, st: ConnState) -> bool:
         config = self.state.config
@@ -337,7 +339,7 @@ class EgressAuth:
         """Close tunnels whose sandbox was revoked or whose traffic became denied: they see
         no requests of ours, so nothing else would stop them."""
         for st in list(self.conns.values()):
-            if st.passthrough is None or st.client is None:
+            if st.passthrough is None or st.close is None:
                 continue
             policy = snapshot.policies.get(st.sandbox)
             revoked = not still_valid(
@@ -349,7 +351,7 @@ class EgressAuth:
                 or not check_traffic(policy, st.host, st.port, st.dial_ip).allowed
             ):
                 st.closed_by = "revoked" if revoked else "denied"
-                close_tunnel(st.client)
+                st.close()
 
     def tls_start_client(self, data: tls.TlsData) -> None:
         st = self.conns.get(data.context.client.id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ class ConnState:
     tunnel: bool = False
     passthrough: TunnelStats | None = None  # set when the connection is relayed untouched
     client: connection.Client | None = None
+    close: Callable[[], None] | None = None  # ends a tunnel (revoked sandbox, denied traffic)
     closed_by: str | None = None
     fresh_at: int = -1  # the snapshot generation this connection was last found current in
     plain_dials: dict[Address, Address] = field(default_factory=dict)

@@ -1,0 +1,217 @@
+"""The tunnel relay of `run`'s front (`proxy/front.py`): what it must carry, byte for byte,
+and what it must leave to mitmproxy."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.pki import TestPKI
+from tests.support.policies import header_binding
+from tests.support.proxyproc import ProxyProcess, free_port
+from tests.support.upstreams import EchoServer, TcpEchoServer
+
+from .test_admin_api import headers_source
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "relay_tok_Qq55Ww66"
+BIG = 8 * 1024 * 1024 + 123  # not a multiple of any buffer size
+
+
+class Ctx:
+    def __init__(self, pki: TestPKI, proxy: ProxyProcess, echo: EchoServer) -> None:
+        self.pki, self.proxy, self.echo = pki, proxy, echo
+
+    def connect(self, target: str, extra: bytes = b"") -> tuple[socket.socket, bytes, bytes]:
+        """CONNECT target (plus `extra` in the same write); the reply head and what followed."""
+        sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10)
+        host = target.rsplit(":", 1)[0]
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() + extra)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+        head, _, rest = reply.partition(b"\r\n\r\n")
+        return sock, head, rest
+
+    def tunnel_line(self, host: str, since: int) -> dict[str, object]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for line in self.proxy.audit_lines()[since:]:
+                if line.get("decision") == "tunnelled" and line.get("host") == host:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no tunnelled audit line for {host}")
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
+    base = tmp_path_factory.mktemp("relay")
+    pki = TestPKI.create(base / "pki")
+    dead = free_port()  # nothing listens there
+    with (
+        EchoServer(pki, names=["big.example.test", "ruled.example.test"]) as echo,
+        TcpEchoServer() as raw,
+        TcpEchoServer(banner=b"220 banner.example.test ready\r\n") as banner,
+    ):
+        config = {
+            "proxy": {
+                "upstreamCaFile": str(pki.root_pem_path),
+                "connectTo": {
+                    "big.example.test:443": f"127.0.0.1:{echo.port}",
+                    "ruled.example.test:443": f"127.0.0.1:{echo.port}",
+                    "raw.example.test:7000": f"127.0.0.1:{raw.port}",
+                    "banner.example.test:2525": f"127.0.0.1:{banner.port}",
+                    "dead.example.test:443": f"127.0.0.1:{dead}",
+                },
+            },
+            "sources": [headers_source("tok", TOKEN)],
+            "templates": [
+                {
+                    "name": "default",
+                    "spec": {
+                        "network": {
+                            "egress": {
+                                "credentialRules": [
+                                    {
+                                        "name": "ruled",
+                                        "credentialRef": "b",
+                                        "domains": ["ruled.example.test"],
+                                    }
+                                ],
+                            },
+                            "credentialBindings": [header_binding("b", "tok")],
+                        }
+                    },
+                }
+            ],
+        }
+        with ProxyProcess(base / "proxy", config) as proxy:
+            yield Ctx(pki, proxy, echo)
+
+
+def test_a_large_upload_arrives_byte_for_byte_and_is_counted(ctx: Ctx) -> None:
+    body = os.urandom(BIG)
+    since = len(ctx.proxy.audit_lines())
+    sock, head, _ = ctx.connect("big.example.test:443")
+    assert head.startswith(b"HTTP/1.1 200")
+    tls = ssl.create_default_context(cafile=str(ctx.pki.root_pem_path)).wrap_socket(
+        sock, server_hostname="big.example.test"
+    )
+    tls.sendall(
+        b"POST /upload HTTP/1.1\r\nHost: big.example.test\r\nConnection: close\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    answer = b""
+    while chunk := tls.recv(65536):
+        answer += chunk
+    tls.close()
+    echoed = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert echoed["bodyLen"] == BIG
+    assert echoed["bodySha256"] == hashlib.sha256(body).hexdigest()
+    line = ctx.tunnel_line("big.example.test", since)
+    assert isinstance(line["bytesUp"], int) and line["bytesUp"] > BIG  # plus TLS framing
+    assert isinstance(line["bytesDown"], int) and len(answer) < line["bytesDown"] < 64 * 1024
+
+
+def test_a_stream_that_is_not_tls_is_relayed_both_ways_with_half_close(ctx: Ctx) -> None:
+    data = os.urandom(BIG)
+    since = len(ctx.proxy.audit_lines())
+    sock, head, rest = ctx.connect("raw.example.test:7000")
+    assert head.startswith(b"HTTP/1.1 200") and rest == b""
+
+    def send() -> None:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)  # half-close: the echo still answers everything
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    got = bytearray()
+    sock.settimeout(15)
+    while chunk := sock.recv(1 << 20):
+        got += chunk
+    sender.join(15)
+    sock.close()
+    assert len(got) == BIG and hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    line = ctx.tunnel_line("raw.example.test", since)
+    assert line["bytesUp"] == BIG and line["bytesDown"] == BIG
+    assert line["port"] == 7000 and line["sandbox"] == "default"
+
+
+def test_a_server_that_speaks_first_is_relayed(ctx: Ctx) -> None:
+    sock, head, rest = ctx.connect("banner.example.test:2525")
+    assert head.startswith(b"HTTP/1.1 200")
+    sock.settimeout(5)
+    banner = rest
+    while not banner.endswith(b"\r\n"):
+        banner += sock.recv(4096)
+    assert banner == b"220 banner.example.test ready\r\n"
+    sock.sendall(b"QUIT\r\n")
+    assert sock.recv(4096) == b"QUIT\r\n"
+    sock.close()
+
+
+def test_a_client_hello_sent_with_the_connect_is_not_lost(ctx: Ctx) -> None:
+    # Some clients do not wait for the 200 before starting TLS.
+    tls_ctx = ssl.create_default_context(cafile=str(ctx.pki.root_pem_path))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = tls_ctx.wrap_bio(incoming, outgoing, server_hostname="big.example.test")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    sock, head, rest = ctx.connect("big.example.test:443", extra=outgoing.read())
+    assert head.startswith(b"HTTP/1.1 200")
+    incoming.write(rest)
+    sock.settimeout(5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            sock.sendall(outgoing.read())
+            incoming.write(sock.recv(65536))
+    sock.sendall(outgoing.read())
+    issuer = tls.getpeercert()["issuer"]
+    assert "mitmproxy" not in str(issuer)  # the upstream's own certificate: tunnelled
+    sock.close()
+
+
+def test_a_failed_dial_gets_mitmproxys_answer(ctx: Ctx) -> None:
+    sock, head, _ = ctx.connect("dead.example.test:443")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 502"), head
+
+
+def test_a_ruled_host_is_still_intercepted_after_the_front_hands_it_over(ctx: Ctx) -> None:
+    sock, head, _ = ctx.connect("ruled.example.test:443")
+    assert head.startswith(b"HTTP/1.1 200")
+    tls = ssl.create_default_context(cafile=str(ctx.proxy.ca_path)).wrap_socket(
+        sock, server_hostname="ruled.example.test"
+    )
+    n = len(ctx.echo.seen)
+    tls.sendall(b"GET /r HTTP/1.1\r\nHost: ruled.example.test\r\nConnection: close\r\n\r\n")
+    answer = b""
+    while chunk := tls.recv(65536):
+        answer += chunk
+    tls.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert ctx.echo.seen.snapshot()[n].header("Authorization") == f"Bearer {TOKEN}"
+
+
+def test_a_malformed_connect_gets_mitmproxys_400(ctx: Ctx) -> None:
+    sock = socket.create_connection(("127.0.0.1", ctx.proxy.port), timeout=10)
+    sock.sendall(b"CONNECT big.example.test HTTP/1.1\r\n\r\n")  # no port
+    assert sock.recv(4096).startswith(b"HTTP/1.1 400")
+    sock.close()
