@@ -60,6 +60,11 @@ HANDSHAKE_FAILURE = b"\x15\x03\x01\x00\x02\x02\x28"
 HEAD_LIMIT = 16 * 1024  # a longer CONNECT head is mitmproxy's to refuse
 HELLO_LIMIT = 64 * 1024  # a ClientHello spans a few records at most
 STREAM_LIMIT = 2**16  # asyncio.start_server's default, which mitmproxy's handler gets
+# Per direction, what may wait in the relay for a slow receiver before the sender stops
+# being read. asyncio reads up to 256 KiB at a time; with its default of 64 KiB every such
+# read paused and resumed the other side, and a 10 MiB download through a tunnel reached
+# 63-77% of direct in five runs, against 96-98% in three with this.
+RELAY_BUFFER = 256 * 1024
 IDLE_TIMEOUT = 600.0  # mitmproxy's TCP idle timeout, when its options do not say
 
 _ids = itertools.count(1)
@@ -306,6 +311,8 @@ class FrontProtocol(asyncio.Protocol):
         self.stats = st.passthrough = TunnelStats(counted=True)
         st.close = self.abort
         self.key = f"front-{next(_ids)}"
+        for t in (transport, up.transport):
+            t.set_write_buffer_limits(high=RELAY_BUFFER)
         self.front.addon.conns[self.key] = st
         if self.buf:
             self.stats.bytes_up += len(self.buf)
