@@ -22,7 +22,7 @@ import pytest
 
 from tests.support.pki import Issued, TestPKI
 from tests.support.policies import credential_rule, header_binding
-from tests.support.proxyproc import ProxyProcess
+from tests.support.proxyproc import ProxyProcess, read_head
 from tests.support.upstreams import EchoServer, Seen
 
 from .test_admin_api import envelope_ok
@@ -384,13 +384,7 @@ def raw_connect(ctx: Ctx, sandbox: str, host: str, port: int) -> tuple[int, dict
         lines.append(f"Proxy-Authorization: {auth}")
     with socket.create_connection(("127.0.0.1", ctx.proxy.port), timeout=10) as s:
         s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
+        head, body = read_head(s)
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         headers = {}
         for line in header_lines:

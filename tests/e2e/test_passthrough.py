@@ -11,8 +11,8 @@ import pytest
 from cryptography import x509
 
 from tests.support.pki import TestPKI
-from tests.support.policies import header_binding
-from tests.support.proxyproc import ProxyProcess
+from tests.support.policies import credential_rule, header_binding, template
+from tests.support.proxyproc import ProxyProcess, read_head
 from tests.support.upstreams import EchoServer
 
 from .test_admin_api import envelope_ok, headers_source
@@ -31,11 +31,7 @@ class Ctx:
         """CONNECT host:443 through the proxy, then TLS inside, trusting `trust`'s CA."""
         sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10)
         sock.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            chunk = sock.recv(4096)
-            assert chunk, reply
-            reply += chunk
+        reply, _ = read_head(sock)
         assert reply.startswith(b"HTTP/1.1 200"), reply
         cafile = self.proxy.ca_path if trust == "proxy" else self.pki.root_pem_path
         tls_ctx = ssl.create_default_context(cafile=str(cafile))
@@ -67,30 +63,18 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
             },
             "sources": [headers_source("tok", TOKEN)],
             "templates": [
-                {
-                    "name": "default",
-                    "spec": {
-                        "network": {
-                            "egress": {
-                                "trafficRules": [
-                                    {
-                                        "name": "no-blocked",
-                                        "action": "deny",
-                                        "domains": ["blocked.example.test"],
-                                    }
-                                ],
-                                "credentialRules": [
-                                    {
-                                        "name": "ruled",
-                                        "credentialRef": "b",
-                                        "domains": ["ruled.example.test"],
-                                    }
-                                ],
-                            },
-                            "credentialBindings": [header_binding("b", "tok")],
+                template(
+                    "default",
+                    [credential_rule("ruled", "b", ["ruled.example.test"])],
+                    [header_binding("b", "tok")],
+                    traffic=[
+                        {
+                            "name": "no-blocked",
+                            "action": "deny",
+                            "domains": ["blocked.example.test"],
                         }
-                    },
-                }
+                    ],
+                )
             ],
         }
         proxy = ProxyProcess(base / "proxy", config)

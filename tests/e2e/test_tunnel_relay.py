@@ -3,6 +3,7 @@ and what it must leave to mitmproxy."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -15,11 +16,11 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.pki import TestPKI
-from tests.support.policies import header_binding
-from tests.support.proxyproc import ProxyProcess, free_port
+from tests.support.policies import credential_rule, header_binding, template
+from tests.support.proxyproc import ProxyProcess, free_port, read_head
 from tests.support.upstreams import EchoServer, TcpEchoServer
 
-from .test_admin_api import headers_source
+from .test_admin_api import envelope_ok, headers_source
 
 pytestmark = pytest.mark.e2e
 
@@ -36,13 +37,7 @@ class Ctx:
         sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10)
         host = target.rsplit(":", 1)[0]
         sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() + extra)
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-        head, _, rest = reply.partition(b"\r\n\r\n")
+        head, rest = read_head(sock)
         return sock, head, rest
 
     def tunnel_line(self, host: str, since: int) -> dict[str, object]:
@@ -78,23 +73,11 @@ def ctx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ctx]:
             },
             "sources": [headers_source("tok", TOKEN)],
             "templates": [
-                {
-                    "name": "default",
-                    "spec": {
-                        "network": {
-                            "egress": {
-                                "credentialRules": [
-                                    {
-                                        "name": "ruled",
-                                        "credentialRef": "b",
-                                        "domains": ["ruled.example.test"],
-                                    }
-                                ],
-                            },
-                            "credentialBindings": [header_binding("b", "tok")],
-                        }
-                    },
-                }
+                template(
+                    "default",
+                    [credential_rule("ruled", "b", ["ruled.example.test"])],
+                    [header_binding("b", "tok")],
+                )
             ],
         }
         with ProxyProcess(base / "proxy", config) as proxy:
@@ -215,3 +198,39 @@ def test_a_malformed_connect_gets_mitmproxys_400(ctx: Ctx) -> None:
     sock.sendall(b"CONNECT big.example.test HTTP/1.1\r\n\r\n")  # no port
     assert sock.recv(4096).startswith(b"HTTP/1.1 400")
     sock.close()
+
+
+def test_the_sandbox_token_never_reaches_the_logs_through_the_front(ctx: Ctx) -> None:
+    with ctx.proxy.admin() as a:
+        sb = envelope_ok(
+            a.post("/api/v1/sandboxes", json={"id": "front-leak", "template": "default"}), 201
+        )
+    token = sb["token"]
+    auth = base64.b64encode(f"front-leak:{token}".encode()).decode()
+    heads = [
+        # A tunnel the front relays itself.
+        f"CONNECT raw.example.test:7000 HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n\r\n",
+        # Heads the front's parser refuses, with the credential in them: mitmproxy decides.
+        f"CONNECT raw.example.test:7000 HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n"
+        "no colon here\r\n\r\n",
+        f"CONNECT raw.example.test:7000 HTTP/1.1\r\nProxy-Authorization Basic {auth}\r\n\r\n",
+        f"CONNECT raw.example.test:7000 HTTP/1.1\r\nProxy-Authorization: Basic {auth}x\r\n\r\n",
+    ]
+    answers = []
+    for head in heads:
+        sock = socket.create_connection(("127.0.0.1", ctx.proxy.port), timeout=10)
+        sock.sendall(head.encode())
+        answers.append(read_head(sock)[0][:12])
+        sock.close()
+    assert answers[0] == b"HTTP/1.1 200"
+    assert answers[1] == answers[2] == b"HTTP/1.1 400"
+    assert answers[3] == b"HTTP/1.1 407"
+    # Closed right after its 200, before a byte went through: still one audit line.
+    line = ctx.proxy.wait_audit(
+        lambda d: d.get("sandbox") == "front-leak" and d.get("decision") == "tunnelled"
+    )
+    assert line["bytesUp"] == line["bytesDown"] == 0
+    out = ctx.proxy.output()
+    for secret in (token, auth):
+        assert secret not in out
+        assert all(secret not in json.dumps(line) for line in ctx.proxy.audit_lines())

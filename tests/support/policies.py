@@ -28,3 +28,19 @@ def cert_binding(ref: str, source: str) -> dict[str, Any]:
 
 def credential_rule(name: str, ref: str, domains: list[str], **kw: Any) -> dict[str, Any]:
     return {"name": name, "credentialRef": ref, "domains": domains, **kw}
+
+
+def template(
+    name: str,
+    rules: list[dict[str, Any]],
+    bindings: list[dict[str, Any]],
+    traffic: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A template whose network has these credential rules, bindings and traffic rules."""
+    egress: dict[str, Any] = {"credentialRules": rules}
+    if traffic:
+        egress["trafficRules"] = traffic
+    return {
+        "name": name,
+        "spec": {"network": {"egress": egress, "credentialBindings": bindings}},
+    }

@@ -161,3 +161,15 @@ class ProxyProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read a proxy's answer head (to a CONNECT, say): the head, and what came after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest

@@ -268,6 +268,11 @@ class FrontProtocol(asyncio.Protocol):
             return
         self.up, self.st = up, st
         transport.write(CONNECT_OK)
+        # From here on the connection is a tunnel: audited when it ends, closed on revocation.
+        self.stats = st.passthrough = TunnelStats(counted=True)
+        st.close = self.abort
+        self.key = f"front-{next(_ids)}"
+        self.front.addon.conns[self.key] = st
         self.stage = HELLO
         rest = bytes(self.buf[head_end:])
         self.buf.clear()
@@ -286,11 +291,12 @@ class FrontProtocol(asyncio.Protocol):
         try:
             hello = parse_client_hello(bytes(buf))
         except ValueError:
-            log.info("tunnel to %s:%d closed: unreadable ClientHello", st.host, st.port)
+            st.closed_by = "bad_client_hello"
             self._close()
             return
         if hello is None:
             if len(buf) > HELLO_LIMIT:
+                st.closed_by = "bad_client_hello"
                 self._close()
             return
         sni = hello.sni
@@ -307,13 +313,10 @@ class FrontProtocol(asyncio.Protocol):
     def _relay(self, first_down: bytes = b"") -> None:
         st, up, transport = self.st, self.up, self.transport
         assert st is not None and up is not None and transport is not None
+        assert self.stats is not None
         self.stage = RELAY
-        self.stats = st.passthrough = TunnelStats(counted=True)
-        st.close = self.abort
-        self.key = f"front-{next(_ids)}"
         for t in (transport, up.transport):
             t.set_write_buffer_limits(high=RELAY_BUFFER)
-        self.front.addon.conns[self.key] = st
         if self.buf:
             self.stats.bytes_up += len(self.buf)
             up.transport.write(bytes(self.buf))
@@ -350,7 +353,7 @@ class FrontProtocol(asyncio.Protocol):
     def _finish(self) -> None:
         if self.stage == DONE:
             return
-        stage, self.stage = self.stage, DONE
+        self.stage = DONE
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -358,8 +361,10 @@ class FrontProtocol(asyncio.Protocol):
             self.task.cancel()
         if self.up is not None:
             self.up.transport.close()
-        if stage == RELAY and self.st is not None and self.stats is not None:
+        if self.key:
             self.front.addon.conns.pop(self.key, None)
+        if self.st is not None and self.stats is not None and not self.st.refused:
+            # Every tunnel that got its 200 (an SNI mismatch has its `denied` line instead).
             connect_event(
                 self.st,
                 "tunnelled",
