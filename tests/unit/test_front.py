@@ -6,7 +6,7 @@ from __future__ import annotations
 from mitmproxy.addons import block
 from mitmproxy.test import taddons
 
-from egress_auth.proxy.front import same_host, unblocked
+from egress_auth.proxy.front import parse_connect, same_host, unblocked
 
 
 def test_unblocked_follows_mitmproxys_block_options() -> None:
@@ -33,3 +33,40 @@ def test_same_host_normalises_before_comparing() -> None:
     assert same_host("bücher.example", "xn--bcher-kva.example")
     assert not same_host("other.example", "example.com")
     assert not same_host("bad host", "example.com")
+
+
+AUTH = b"Proxy-Authorization: Basic c2J4OnRvaw==\r\n"
+
+
+def test_parse_connect_reads_a_plain_head() -> None:
+    head = b"CONNECT Api.Example.COM:443 HTTP/1.1\r\nHost: api.example.com:443\r\n" + AUTH + b"\r\n"
+    assert parse_connect(head) == ("api.example.com", 443, "Basic c2J4OnRvaw==")
+    assert parse_connect(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n") == ("::1", 8443, None)
+    assert parse_connect(b"CONNECT 10.0.0.1:22 HTTP/1.1\r\nproxy-authorization:x\r\n\r\n") == (
+        "10.0.0.1",
+        22,
+        "x",
+    )
+
+
+def test_parse_connect_leaves_everything_unusual_to_mitmproxy() -> None:
+    refused = [
+        b"GET http://a.example/ HTTP/1.1\r\n\r\n",
+        b"connect a.example:443 HTTP/1.1\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.0\r\n\r\n",
+        b"CONNECT a.example HTTP/1.1\r\n\r\n",
+        b"CONNECT a.example:0 HTTP/1.1\r\n\r\n",
+        b"CONNECT a.example:65536 HTTP/1.1\r\n\r\n",
+        b"CONNECT a.example:443  HTTP/1.1\r\n\r\n",
+        b"CONNECT bad_host!:443 HTTP/1.1\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.1\r\n" + AUTH + AUTH + b"\r\n",  # which one?
+        b"CONNECT a.example:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.1\r\nno colon\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.1\r\nX: a\r\n folded\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.1\r\nX : a\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.1\r\nX: caf\xc3\xa9\r\n\r\n",
+        b"CONNECT a.example:443 HTTP/1.1\r\nX: a\nY: b\r\n\r\n",
+    ]
+    for head in refused:
+        assert parse_connect(head) is None, head
