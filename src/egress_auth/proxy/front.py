@@ -310,7 +310,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         try:
             _, up = await self.loop.create_connection(lambda: _Upstream(self), *st.dial)
-        except OSError:
+        except Exception:  # whatever failed (OSError mostly), the client must get an answer
             # mitmproxy dials again and answers with its own 502 and hooks.
             self._hand_over()
             return
