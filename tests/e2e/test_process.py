@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.support.pki import TestPKI
-from tests.support.proxyproc import ProxyProcess, free_port
+from tests.support.proxyproc import ProxyProcess, free_port, read_head
 from tests.support.upstreams import EchoServer, wait_port
 
 pytestmark = pytest.mark.e2e
@@ -158,7 +158,10 @@ def test_mitmdump_script_entry(tmp_path: Path, pki: TestPKI, echo: EchoServer) -
     cfg = tmp_path / "cfg.yaml"
     import yaml
 
-    cfg.write_text(yaml.safe_dump(_config(pki, echo, TOKEN_V1, "one.example.test")))
+    config = _config(pki, echo, TOKEN_V1, "one.example.test")
+    # No front under mitmdump: a host without a rule is tunnelled by mitmproxy itself.
+    config["proxy"]["intercept"] = "matching"
+    cfg.write_text(yaml.safe_dump(config))
     port = free_port()
     bundle = tmp_path / "trust.pem"
     bundle.write_bytes(pki.root_pem)
@@ -179,9 +182,13 @@ def test_mitmdump_script_entry(tmp_path: Path, pki: TestPKI, echo: EchoServer) -
             "--listen-port",
             str(port),
         ],
-        stdout=subprocess.PIPE,
+        stdout=(tmp_path / "out.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
+
+    def output() -> bytes:
+        return (tmp_path / "out.log").read_bytes()
+
     try:
         try:
             wait_port("127.0.0.1", port, timeout=20)
@@ -193,14 +200,30 @@ def test_mitmdump_script_entry(tmp_path: Path, pki: TestPKI, echo: EchoServer) -
             )
         except Exception:
             proc.terminate()
-            print(proc.communicate(timeout=10)[0].decode())
+            proc.wait(timeout=10)
+            print(output().decode())
             raise
         assert r.status_code == 200
         assert _auth_seen(echo, n) == [[f"Bearer {TOKEN_V1}"]]
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"CONNECT two.example.test:443 HTTP/1.1\r\n\r\n")
+        assert read_head(sock)[0].startswith(b"HTTP/1.1 200")
+        tls = ssl.create_default_context(cafile=str(pki.root_pem_path)).wrap_socket(
+            sock, server_hostname="two.example.test"
+        )  # verified against the upstream's own root: not intercepted
+        tls.sendall(b"GET /t HTTP/1.1\r\nHost: two.example.test\r\nConnection: close\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+        tls.close()
+        # The tunnel's audit line is written when mitmproxy has closed it.
+        deadline = time.monotonic() + 5
+        while b'"decision": "tunnelled"' not in output() and time.monotonic() < deadline:
+            time.sleep(0.05)
     finally:
         proc.terminate()
-        out, _ = proc.communicate(timeout=10)
+        proc.wait(timeout=10)
+    out = output()
     assert TOKEN_V1.encode() not in out, out
+    assert b'"decision": "tunnelled"' in out and b'"host": "two.example.test"' in out, out
 
 
 def test_run_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
