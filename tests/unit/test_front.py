@@ -3,10 +3,19 @@ tests/e2e/test_tunnel_relay.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
+import json
+
+import pytest
+import yaml
 from mitmproxy.addons import block
 from mitmproxy.test import taddons
 
-from egress_auth.proxy.front import parse_connect, same_host, unblocked
+from egress_auth import audit
+from egress_auth.config import load_config_text
+from egress_auth.proxy.addon import EgressAuth
+from egress_auth.proxy.front import Front, parse_connect, same_host, unblocked
 
 
 def test_unblocked_follows_mitmproxys_block_options() -> None:
@@ -70,3 +79,89 @@ def test_parse_connect_leaves_everything_unusual_to_mitmproxy() -> None:
     ]
     for head in refused:
         assert parse_connect(head) is None, head
+
+
+# ---- the protocol itself, in-process on loopback sockets ---------------------------------
+
+
+def _addon(echo_port: int) -> EgressAuth:
+    loaded = load_config_text(
+        yaml.safe_dump(
+            {
+                "proxy": {"connectTo": {"raw.example.test:7000": f"127.0.0.1:{echo_port}"}},
+                "templates": [{"name": "default", "spec": {"network": {"egress": {}}}}],
+            }
+        )
+    )
+    return EgressAuth(config=loaded.config)
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+    writer.close()
+
+
+def test_an_idle_tunnel_is_closed_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(audit, "_out", out)
+
+    async def scenario() -> bytes:
+        echo = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        addon = _addon(echo.sockets[0].getsockname()[1])
+
+        async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            raise AssertionError("a tunnel of the front's own must not reach mitmproxy")
+
+        loop = asyncio.get_running_loop()
+        front = await loop.create_server(Front(addon, never, idle=0.3), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", front.sockets[0].getsockname()[1]
+        )
+        writer.write(b"CONNECT raw.example.test:7000 HTTP/1.1\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.write(b"ping")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+        # Then nothing either way: the front closes it after 0.3 s.
+        rest = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        front.close()
+        echo.close()
+        await asyncio.sleep(0.05)  # let the closing callbacks write the audit line
+        assert rest == b""
+        return head
+
+    head = asyncio.run(scenario())
+    assert head.startswith(b"HTTP/1.1 200")
+    line = json.loads(out.getvalue().splitlines()[-1])
+    assert line["decision"] == "tunnelled" and line["reason"] == "idle"
+    assert line["bytesUp"] == line["bytesDown"] == 4
+
+
+def test_what_the_front_does_not_take_reaches_mitmproxy_byte_for_byte() -> None:
+    head = b"GET http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n"
+
+    async def scenario() -> bytes:
+        addon = _addon(9)  # never dialled here
+        got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def mitmproxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            got.set_result(await reader.readexactly(len(head) + 5))
+            writer.write(b"answered")
+            writer.close()
+
+        loop = asyncio.get_running_loop()
+        front = await loop.create_server(Front(addon, mitmproxy), "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", front.sockets[0].getsockname()[1]
+        )
+        writer.write(head[:10])  # in pieces, the rest after the hand-over
+        await asyncio.sleep(0.05)
+        writer.write(head[10:] + b"after")
+        seen = await asyncio.wait_for(got, 5)
+        assert await asyncio.wait_for(reader.read(), 5) == b"answered"
+        writer.close()
+        front.close()
+        return seen
+
+    assert asyncio.run(scenario()) == head + b"after"

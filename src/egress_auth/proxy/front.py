@@ -140,15 +140,19 @@ def parse_connect(head: bytes) -> tuple[str, int, str | None] | None:
 class Front:
     """The listener's protocol factory: one per listening socket."""
 
-    def __init__(self, addon: EgressAuth, handle_stream: StreamHandler) -> None:
+    def __init__(
+        self, addon: EgressAuth, handle_stream: StreamHandler, idle: float | None = None
+    ) -> None:
         self.addon = addon
         self.handle_stream = handle_stream
+        self.idle = idle  # seconds; None: mitmproxy's `tcp_timeout` (600 s in mitmproxy 11)
 
     def __call__(self) -> FrontProtocol:
         return FrontProtocol(self)
 
-    @staticmethod
-    def idle_timeout() -> float:
+    def idle_timeout(self) -> float:
+        if self.idle is not None:
+            return self.idle
         return float(getattr(ctx.options, "tcp_timeout", IDLE_TIMEOUT))
 
     def candidate(self, head: bytes) -> Candidate | None:
