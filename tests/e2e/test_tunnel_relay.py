@@ -7,11 +7,13 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,17 +30,23 @@ TOKEN = "relay_tok_Qq55Ww66"
 BIG = 8 * 1024 * 1024 + 123  # not a multiple of any buffer size
 
 
+def connect(
+    proxy: ProxyProcess, target: str, extra: bytes = b""
+) -> tuple[socket.socket, bytes, bytes]:
+    """CONNECT target (plus `extra` in the same write); the reply head and what followed."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+    host = target.rsplit(":", 1)[0]
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() + extra)
+    head, rest = read_head(sock)
+    return sock, head, rest
+
+
 class Ctx:
     def __init__(self, pki: TestPKI, proxy: ProxyProcess, echo: EchoServer) -> None:
         self.pki, self.proxy, self.echo = pki, proxy, echo
 
     def connect(self, target: str, extra: bytes = b"") -> tuple[socket.socket, bytes, bytes]:
-        """CONNECT target (plus `extra` in the same write); the reply head and what followed."""
-        sock = socket.create_connection(("127.0.0.1", self.proxy.port), timeout=10)
-        host = target.rsplit(":", 1)[0]
-        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode() + extra)
-        head, rest = read_head(sock)
-        return sock, head, rest
+        return connect(self.proxy, target, extra)
 
     def tunnel_line(self, host: str, since: int) -> dict[str, object]:
         deadline = time.monotonic() + 5
@@ -234,3 +242,27 @@ def test_the_sandbox_token_never_reaches_the_logs_through_the_front(ctx: Ctx) ->
     for secret in (token, auth):
         assert secret not in out
         assert all(secret not in json.dumps(line) for line in ctx.proxy.audit_lines())
+
+
+def test_a_tunnel_open_at_shutdown_still_gets_its_audit_line(tmp_path: Path) -> None:
+    with TcpEchoServer() as raw:
+        config = {
+            "proxy": {"connectTo": {"raw.example.test:7000": f"127.0.0.1:{raw.port}"}},
+            "templates": [template("default", [], [])],
+        }
+        proxy = ProxyProcess(tmp_path / "proxy", config).start()
+        try:
+            sock, head, _ = connect(proxy, "raw.example.test:7000")
+            assert head.startswith(b"HTTP/1.1 200")
+            sock.sendall(b"hi")
+            assert sock.recv(10) == b"hi"
+            assert proxy.proc is not None
+            proxy.proc.send_signal(signal.SIGTERM)
+            assert proxy.proc.wait(20) == 0
+            sock.settimeout(5)
+            assert sock.recv(10) == b""  # the client sees the end, not a hang
+            sock.close()
+        finally:
+            proxy.stop()
+        line = next(d for d in proxy.audit_lines() if d.get("decision") == "tunnelled")
+        assert line["reason"] == "shutdown" and line["bytesUp"] == line["bytesDown"] == 2

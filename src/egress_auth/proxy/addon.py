@@ -138,6 +138,14 @@ class EgressAuth:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
 
+    def done(self) -> None:
+        """The proxy is stopping: end the tunnels now, so each still gets its audit line
+        (reason `shutdown`) while the loop runs its last callbacks."""
+        for st in list(self.conns.values()):
+            if st.passthrough is not None and st.close is not None:
+                st.closed_by = st.closed_by or "shutdown"
+                st.close()
+
     def reload(self) -> None:
         """SIGHUP: re-read the file; a bad file is refused and the running policy stays."""
         for hook in self.on_reload:
