@@ -129,10 +129,7 @@ def main(argv: list[str]) -> int:
         config = load_config(Path(spec["config"])).config if spec["config"] else ConfigFile()
         data_dir = Path(spec["data_dir"])
         store = Store.open(data_dir, load_master_key(data_dir, store_exists=True), readonly=True)
-    except ConfigError as e:
-        print(f"{prefix} {e}", file=sys.stderr)
-        return 1
-    except (MasterKeyError, StoreError) as e:
+    except (ConfigError, MasterKeyError, StoreError) as e:
         print(f"{prefix} {e}", file=sys.stderr)
         return 1
     with contextlib.suppress(KeyboardInterrupt):

@@ -76,6 +76,11 @@ class Worker:
     reader_task: asyncio.Task[None] | None = None
     answers: dict[int, asyncio.Future[Counters]] = field(default_factory=dict)
 
+    @property
+    def serving(self) -> bool:
+        """Started, said ready, and not gone since."""
+        return self.alive and _done_ok(self.ready)
+
     def send(self, message: dict[str, Any]) -> None:
         if self.alive and not self.writer.is_closing():
             self.writer.write(json.dumps(message).encode() + b"\n")
@@ -150,7 +155,7 @@ class WorkerPool:
 
     @property
     def ready_count(self) -> int:
-        return sum(1 for w in self.workers.values() if w.alive and _done_ok(w.ready))
+        return sum(1 for w in self.workers.values() if w.serving)
 
     # ---- control messages -------------------------------------------------------------------
 
@@ -221,7 +226,7 @@ class WorkerPool:
         while not self._stopping:
             now = time.monotonic()
             for w in list(self.workers.values()):
-                if not (w.alive and _done_ok(w.ready)):
+                if not w.serving:
                     continue
                 if now - w.heard > self.silence:
                     log.error(
@@ -263,11 +268,7 @@ class WorkerPool:
         target = self.seq
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            behind = [
-                w.index
-                for w in self.workers.values()
-                if w.alive and _done_ok(w.ready) and w.acked < target
-            ]
+            behind = [w.index for w in self.workers.values() if w.serving and w.acked < target]
             if not behind:
                 return True
             remaining = deadline - asyncio.get_running_loop().time()
@@ -296,7 +297,7 @@ class WorkerPool:
         waiting = []
         loop = asyncio.get_running_loop()
         for w in self.workers.values():
-            if w.alive and _done_ok(w.ready):
+            if w.serving:
                 fut: asyncio.Future[Counters] = loop.create_future()
                 w.answers[seq] = fut
                 w.send({"op": "counters", "seq": seq})

@@ -15,7 +15,9 @@ from mitmproxy.test import taddons
 from egress_auth import audit
 from egress_auth.config import load_config_text
 from egress_auth.proxy.addon import EgressAuth
-from egress_auth.proxy.front import Front, parse_connect, same_host, unblocked
+from egress_auth.proxy.conn import ConnState, sni_refused
+from egress_auth.proxy.front import Front, parse_connect, unblocked
+from egress_auth.proxy.identity import Identity
 
 
 def test_unblocked_follows_mitmproxys_block_options() -> None:
@@ -37,11 +39,21 @@ def test_unblocked_follows_mitmproxys_block_options() -> None:
     assert not unblocked(None)
 
 
-def test_same_host_normalises_before_comparing() -> None:
-    assert same_host("Example.COM.", "example.com")
-    assert same_host("bücher.example", "xn--bcher-kva.example")
-    assert not same_host("other.example", "example.com")
-    assert not same_host("bad host", "example.com")
+def _sni_refused(sni: str | None, host: str) -> bool:
+    return sni_refused(ConnState(Identity("default", None), host, 443, None), sni)
+
+
+def test_sni_is_normalised_before_it_is_compared(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr(audit, "_out", out)
+    assert not _sni_refused("Example.COM.", "example.com")
+    assert not _sni_refused("bücher.example", "xn--bcher-kva.example")
+    assert not _sni_refused(None, "example.com")  # no SNI: the CONNECT target stands
+    assert out.getvalue() == ""
+    assert _sni_refused("other.example", "example.com")
+    assert _sni_refused("bad host", "example.com")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(d["decision"], d["reason"]) for d in lines] == [("denied", "sni_mismatch")] * 2
 
 
 AUTH = b"Proxy-Authorization: Basic c2J4OnRvaw==\r\n"

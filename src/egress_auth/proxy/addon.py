@@ -46,6 +46,7 @@ from .conn import (
     is_ip,
     is_loopback,
     resolve,
+    sni_refused,
 )
 from .identity import Identity, Unauthenticated, identify, still_valid
 from .passthrough import close_tunnel, watch_tunnel
@@ -142,7 +143,7 @@ class EgressAuth:
         """The proxy is stopping: end the tunnels now, so each still gets its audit line
         (reason `shutdown`) while the loop runs its last callbacks."""
         for st in list(self.conns.values()):
-            if st.passthrough is not None and st.close is not None:
+            if st.close is not None:
                 st.closed_by = st.closed_by or "shutdown"
                 st.close()
 
@@ -259,7 +260,7 @@ class EgressAuth:
             flow.response = answers.error_response(400, "bad_request", "invalid CONNECT host")
             return
         port = flow.request.port
-        st = await self._conn_state(identity, host, port)
+        st = await self.conn_state(identity, host, port)
         ev = self._event(st, flow, "", "denied")
         if not self._traffic_allowed(flow, st, ev):
             return
@@ -277,7 +278,8 @@ class EgressAuth:
         """The address the proxy would dial for host:port (connectTo, then DNS)."""
         return await resolve(*self._target(host, port))
 
-    async def _conn_state(self, identity: Identity, host: str, port: int) -> ConnState:
+    async def conn_state(self, identity: Identity, host: str, port: int) -> ConnState:
+        """A connection's state before any decision: target, and the address to dial."""
         dial_port = self._target(host, port)[1]
         ip = await self.dial_ip(host, port)
         return ConnState(identity, host, port, (ip, dial_port) if ip else None)
@@ -312,20 +314,10 @@ class EgressAuth:
         st = self.conns.get(data.context.client.id)
         if st is None:
             return
-        sni = data.client_hello.sni
-        if sni is not None:
-            try:
-                same = normalize_host(sni) == st.host
-            except ValueError:
-                same = False
-            if not same:
-                # Never let SNI and the CONNECT target disagree: rules were checked against
-                # the target, so a different name inside could borrow its credentials.
-                st.refused = "TLS server name does not match the CONNECT target"
-                data.establish_server_tls_first = False
-                connect_event(st, "denied", reason="sni_mismatch").emit(None)
-                return
-        if self._intercepts(st):
+        if sni_refused(st, data.client_hello.sni):
+            data.establish_server_tls_first = False  # tls_start_client fails the handshake
+            return
+        if self.intercepts(st.sandbox, st.host, st.port):
             return
         # No credential rule of this sandbox could apply: relay the bytes untouched. The
         # client then talks TLS with the upstream itself (its own certificate, pinning and
@@ -336,18 +328,20 @@ class EgressAuth:
         st.client = client
         st.close = functools.partial(close_tunnel, client)
 
-    def _intercepts(self, st: ConnState) -> bool:
+    def intercepts(self, sandbox: str, host: str, port: int) -> bool:
+        """Whether a connection of this sandbox to host:port is decrypted (`intercept: all`,
+        or some credential rule could apply) rather than relayed untouched."""
         config = self.state.config
         if config is None or config.proxy.intercept == "all":
             return True
-        policy = self.snapshot.policies.get(st.sandbox)
-        return policy is None or could_match(policy, st.host, st.port)
+        policy = self.snapshot.policies.get(sandbox)
+        return policy is None or could_match(policy, host, port)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         """Close tunnels whose sandbox was revoked or whose traffic became denied: they see
         no requests of ours, so nothing else would stop them."""
         for st in list(self.conns.values()):
-            if st.passthrough is None or st.close is None:
+            if st.close is None:  # not a tunnel
                 continue
             policy = snapshot.policies.get(st.sandbox)
             revoked = not still_valid(
@@ -512,7 +506,7 @@ class EgressAuth:
             flow.response = answers.error_response(400, "bad_request", "invalid request host")
             return None
         port = flow.request.port
-        req = await self._conn_state(identity, host, port)
+        req = await self.conn_state(identity, host, port)
         holder = self.conns.setdefault(flow.client_conn.id, req)
         if req.dial is not None:
             holder.plain_dials[(flow.request.host, port)] = req.dial

@@ -16,6 +16,7 @@ from typing import Any
 from mitmproxy import connection, http
 
 from .. import audit
+from ..policy.domains import normalize_host
 from ..policy.match import TlsSelection
 from .identity import Identity
 from .passthrough import TunnelStats
@@ -79,6 +80,26 @@ def connect_event(st: ConnState, decision: str, **kw: Any) -> audit.AuditEvent:
         decision=decision,
         **kw,
     )
+
+
+def sni_refused(st: ConnState, sni: str | None) -> bool:
+    """Whether a ClientHello naming `sni` must be refused on this connection (and if so, mark
+    it refused and write its audit line).
+
+    Never let SNI and the CONNECT target disagree: rules and traffic policy were checked
+    against the target, so a different name inside could borrow its credentials, or pass
+    through on the target's word.
+    """
+    if sni is None:
+        return False
+    try:
+        if normalize_host(sni) == st.host:
+            return False
+    except ValueError:
+        pass
+    st.refused = "TLS server name does not match the CONNECT target"
+    connect_event(st, "denied", reason="sni_mismatch").emit(None)
+    return True
 
 
 def close_after(flow: http.HTTPFlow) -> None:

@@ -43,8 +43,8 @@ from mitmproxy import ctx
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from ..policy.domains import normalize_host
-from ..policy.match import check_traffic, could_match
-from .conn import ConnState, connect_event
+from ..policy.match import check_traffic
+from .conn import ConnState, connect_event, sni_refused
 from .identity import Identity, Unauthenticated, identify, still_valid
 from .passthrough import TunnelStats
 
@@ -89,13 +89,6 @@ def unblocked(peer: Any) -> bool:
     if getattr(opts, "block_private", False) and address.is_private:
         return False
     return not (getattr(opts, "block_global", True) and address.is_global)
-
-
-def same_host(sni: str, host: str) -> bool:
-    try:
-        return normalize_host(sni) == host
-    except ValueError:
-        return False
 
 
 # A CONNECT head the front decides on is plain: `CONNECT host:port HTTP/1.1`, then header
@@ -162,18 +155,13 @@ class Front:
         if parsed is None:
             return None
         host, port, auth = parsed
-        addon = self.addon
-        config = addon.state.config
-        if config is None or config.proxy.intercept == "all":
-            return None
-        snap = addon.snapshot
+        snap = self.addon.snapshot
         try:
             identity = identify(auth, snap.identities, required=snap.auth_required)
         except Unauthenticated:
             return None
-        policy = snap.policies.get(identity.sandbox)
-        if policy is None or could_match(policy, host, port):
-            return None  # no policy (403) or a credential rule could apply (intercept)
+        if self.addon.intercepts(identity.sandbox, host, port):
+            return None  # intercepted (or no policy at all: mitmproxy answers 403)
         return identity, host, port
 
     async def tunnel(self, candidate: Candidate) -> ConnState | None:
@@ -181,12 +169,12 @@ class Front:
         or None (mitmproxy decides)."""
         identity, host, port = candidate
         addon = self.addon
-        st = await addon._conn_state(identity, host, port)
+        st = await addon.conn_state(identity, host, port)
         snap = addon.snapshot
         if not still_valid(identity, snap.identities, required=snap.auth_required):
             return None
         policy = snap.policies.get(identity.sandbox)
-        if policy is None or st.dial is None or addon._intercepts(st):
+        if policy is None or st.dial is None or addon.intercepts(identity.sandbox, host, port):
             return None
         decision = check_traffic(policy, host, st.port, st.dial_ip)
         if not decision.allowed:
@@ -354,12 +342,7 @@ class FrontProtocol(asyncio.Protocol):
                 st.closed_by = "bad_client_hello"
                 self._close()
             return
-        sni = hello.sni
-        if sni is not None and not same_host(sni, st.host):
-            # Never let SNI and the CONNECT target disagree: the target was checked, so a
-            # different name inside is refused, not passed through on the target's word.
-            st.refused = "TLS server name does not match the CONNECT target"
-            connect_event(st, "denied", reason="sni_mismatch").emit(None)
+        if sni_refused(st, hello.sni):
             self.transport.write(HANDSHAKE_FAILURE)
             self._close()
             return

@@ -158,20 +158,12 @@ class Store(PolicyRows):
         box = Box(key)
         path = cls.path_in(data_dir)
         try:
-            if readonly:
-                conn = sqlite3.connect(
-                    f"file:{path}?mode=ro",
-                    uri=True,
-                    timeout=10.0,
-                    isolation_level=None,
-                    check_same_thread=False,
-                )
-            else:
+            if not readonly:
                 data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 # Create the file 0600 before SQLite does (it would use 0644); SQLite gives
                 # the -wal and -shm files the database file's mode.
                 os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-                conn = _connect(path)
+            conn = _connect(path, readonly=readonly)
         except OSError as e:
             raise StoreError(f"cannot open the store {path}: {e.strerror}") from None
         except sqlite3.Error as e:
@@ -421,9 +413,18 @@ def _cert(certificate: dict[str, str] | None) -> str | None:
     return json.dumps(certificate, sort_keys=True) if certificate is not None else None
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     # isolation_level=None: no implicit BEGINs; every write states its own BEGIN IMMEDIATE.
     # timeout: wait for another process's write lock instead of failing at once.
+    if readonly:
+        # The writer set WAL mode and the other pragmas in the file; a reader sets none.
+        return sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            timeout=10.0,
+            isolation_level=None,
+            check_same_thread=False,
+        )
     conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
